@@ -1,0 +1,866 @@
+/*
+ * bpf_probes.c - kernel side of sshlog (loaded by bcc from sshlog.py).
+ *
+ * Tracepoints only (syscalls:*, sched:*): kprobes and fentry are not
+ * available everywhere.  No kernel struct is read through header offsets;
+ * the one struct field used (task_struct.exit_code) arrives as -DOFF_EXIT_CODE
+ * taken from /sys/kernel/btf/vmlinux at start-up.
+ *
+ * Every process of interest is in `tracked` (key: tgid).  Listening sshd's
+ * enter it at accept(); per-connection processes inherit it at fork.  Every
+ * handler starts with one lookup there, so the rest of the system pays a
+ * single hash miss per traced syscall.
+ *
+ * Records go to two ring buffers: `ctl` (connections, exec, exit, auth,
+ * uploads) and `tty` (terminal bytes), so a terminal flood can never push out
+ * a security event.  Records are reserved in the ring at a fixed size per
+ * size class (no per-CPU scratch: syscall tracepoints may be preempted).
+ * Every failed reservation is counted in `drops`.
+ *
+ * Parameters (all integers, from sshlog.py):
+ *   CTL_PAGES, TTY_PAGES   ring sizes in pages (powers of two)
+ *   ARGV_CAP               bytes of argv kept per exec (power of two)
+ *   STDOUT_CAP             bytes of a command's fd 1/2 output kept
+ *   CAPTURE_INPUT          1 = also send sshd's writes to the pty master
+ *   HAVE_GROUP_DEAD        sched_process_exit has group_dead (kernel >= 6.x)
+ *   OFF_EXIT_CODE          offset of task_struct.exit_code (optional)
+ *   TRACK_MAX              capacity of the tracked-process table
+ */
+#include <uapi/linux/ptrace.h>
+
+/* ---- record layout: keep in sync with the ctypes classes in sshlog.py ---- */
+enum rec_type {
+    REC_CONNECT = 1,   /* a listener forked a connection's monitor      */
+    REC_EXEC = 2,      /* a user command started                        */
+    REC_EXIT = 3,      /* a command, transfer or monitor ended          */
+    REC_SETUID = 4,    /* an sshd process switched uid for good         */
+    REC_PTY = 5,       /* a session got pty N (TIOCGPTN)                */
+    REC_WINSZ = 6,     /* window size set on a pty master               */
+    REC_AUDIT = 7,     /* sshd sent a NETLINK_AUDIT message             */
+    REC_TTY_OUT = 8,   /* sshd read from a pty master: what the screen shows */
+    REC_TTY_IN = 9,    /* sshd wrote to a pty master: keystrokes        */
+    REC_STDOUT = 10,   /* first bytes a command wrote to fd 1/2         */
+    REC_UPLOAD_OPEN = 11,  /* scp/sftp-server opened a file for writing */
+    REC_UPLOAD_CLOSE = 12, /* ...and closed it (byte count)             */
+    REC_BTMP = 13,     /* sshd wrote a failed-login utmp record         */
+};
+
+struct rec_hdr {          /* 24 bytes, first in every record */
+    u32 type;
+    u32 pid;              /* tgid of the process concerned */
+    u32 sess;             /* tgid of the connection's monitor (ptm_pid) */
+    u32 len;              /* bytes of variable data after the fixed part */
+    u64 ts;               /* bpf_ktime_get_ns() */
+};
+
+struct rec_connect {
+    struct rec_hdr h;
+    u32 listener;
+    u16 family;
+    u16 port;             /* host order */
+    u8 addr[16];
+};
+
+#define FNAME_CAP 256
+#define LAST_ARG_CAP 256   /* without an environment the last argument is read alone */
+struct rec_exec {
+    struct rec_hdr h;     /* len = bytes in argv */
+    u32 ppid;
+    u32 uid;
+    u16 argc;
+    u16 truncated;
+    u32 fname_len;
+    char fname[FNAME_CAP];
+    char argv[ARGV_CAP + LAST_ARG_CAP];  /* argc NUL-terminated strings */
+};
+
+struct rec_exit {
+    struct rec_hdr h;
+    s32 status;           /* wait(2) status; -1 when unknown */
+    u32 flags;            /* the process's F_* flags */
+};
+
+struct rec_u32 {          /* REC_SETUID (uid), REC_PTY (tty index) */
+    struct rec_hdr h;
+    u32 value;
+    u32 fd;
+};
+
+struct rec_winsz {
+    struct rec_hdr h;
+    u16 rows;
+    u16 cols;
+    u32 fd;
+};
+
+#define SMALL_CAP 256
+#define BIG_CAP 16384
+struct rec_data_small {   /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP */
+    struct rec_hdr h;
+    u32 fd;
+    u32 pad;
+    u8 data[SMALL_CAP];
+};
+struct rec_data_big {
+    struct rec_hdr h;
+    u32 fd;
+    u32 pad;
+    u8 data[BIG_CAP];
+};
+
+#define PATH_CAP 4096
+struct rec_upload_open {
+    struct rec_hdr h;     /* len = bytes of path incl. NUL */
+    s32 fd;
+    u32 flags;
+    u32 mode;
+    u32 pad;
+    char path[PATH_CAP];
+};
+
+struct rec_upload_close {
+    struct rec_hdr h;
+    s32 fd;
+    u32 pad;
+    u64 bytes;
+};
+
+/* ---- process and fd state ---- */
+#define F_LISTENER  0x01   /* a listening sshd (marked at accept) */
+#define F_SSHD      0x02   /* running an sshd image (sshd, sshd-session, sshd-auth) */
+#define F_USER      0x04   /* inside the authenticated user's part of the tree */
+#define F_CMD       0x08   /* exec'd a user command: report its exit */
+#define F_XFER      0x10   /* scp / sftp-server: report uploads */
+#define F_MONITOR   0x20   /* the per-connection monitor (the session key) */
+
+struct proc {
+    u32 sess;
+    u32 ppid;
+    u32 flags;
+    u32 out_left;          /* STDOUT_CAP budget of the current command */
+    s32 status;            /* exit_group() code when no BTF offset */
+    u32 pad;
+};
+
+enum fd_kind { FD_PTMX = 1, FD_AUDIT = 2, FD_BTMP = 3, FD_UPLOAD = 4 };
+struct fd_key { u32 tgid; s32 fd; };
+struct fd_val { u32 kind; u32 pad; u64 bytes; };
+
+struct peer { u16 family; u16 port; u8 addr[16]; };
+
+/* a syscall's arguments kept from enter to exit, per thread; `what` says
+ * which syscall left it, so a stale stash (a failed clone) is never misread */
+enum stash_what { ST_ACCEPT = 1, ST_CLONE, ST_PTN, ST_DUP, ST_READ, ST_SOCKET, ST_OPENAT };
+struct stash { u64 ptr; u64 arg; u32 what; u32 fd; };
+
+BPF_HASH(tracked, u32, struct proc, TRACK_MAX);
+BPF_HASH(fds, struct fd_key, struct fd_val, 16384);
+BPF_TABLE("lru_hash", u32, struct peer, peers, 1024);      /* listener -> last accepted peer */
+BPF_TABLE("lru_hash", u64, struct stash, stashes, 16384);  /* pid_tgid -> syscall args */
+BPF_ARRAY(drops, u64, 2);                          /* [0] ctl, [1] tty */
+BPF_RINGBUF_OUTPUT(ctl, CTL_PAGES);
+BPF_RINGBUF_OUTPUT(tty, TTY_PAGES);
+
+#define CLONE_THREAD 0x00010000
+#define TIOCSWINSZ 0x5414
+#define TIOCGPTN 0x80045430
+#define F_DUPFD 0
+#define F_DUPFD_CLOEXEC 1030
+#define AF_INET 2
+#define AF_INET6 10
+#define AF_NETLINK 16
+#define NETLINK_AUDIT 9
+
+/* ---- helpers ---- */
+
+static __always_inline void count_drop(int ring)
+{
+    u64 *n = drops.lookup(&ring);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void fill_hdr(struct rec_hdr *h, u32 type, u32 pid, u32 sess)
+{
+    h->type = type;
+    h->pid = pid;
+    h->sess = sess;
+    h->len = 0;
+    h->ts = bpf_ktime_get_ns();
+}
+
+static __always_inline u32 current_tgid(void)
+{
+    return bpf_get_current_pid_tgid() >> 32;
+}
+
+static __always_inline struct proc *current_proc(u32 *tgid)
+{
+    *tgid = current_tgid();
+    return tracked.lookup(tgid);
+}
+
+static __always_inline struct fd_val *fd_lookup(u32 tgid, s32 fd)
+{
+    struct fd_key k = {.tgid = tgid, .fd = fd};
+    return fds.lookup(&k);
+}
+
+static __always_inline void fd_mark(u32 tgid, s32 fd, u32 kind)
+{
+    struct fd_key k = {.tgid = tgid, .fd = fd};
+    struct fd_val v = {.kind = kind};
+    fds.update(&k, &v);
+}
+
+static __always_inline void fd_forget(u32 tgid, s32 fd)
+{
+    struct fd_key k = {.tgid = tgid, .fd = fd};
+    fds.delete(&k);
+}
+
+static __always_inline void stash_put(u32 what, u64 ptr, u64 arg, u32 fd)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct stash s = {.ptr = ptr, .arg = arg, .what = what, .fd = fd};
+    stashes.update(&id, &s);
+}
+
+/* Fetch and forget this thread's stash left by syscall `what`. */
+static __always_inline int stash_take(u32 what, struct stash *out)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    struct stash *s = stashes.lookup(&id);
+    if (!s)
+        return 0;
+    if (s->what != what) {
+        stashes.delete(&id);
+        return 0;
+    }
+    *out = *s;
+    stashes.delete(&id);
+    return 1;
+}
+
+/* Send `len` bytes of user memory as one or more data records on ring
+ * `which` (0 ctl, 1 tty).  Up to four 16 KiB chunks: sshd reads up to
+ * 32 KiB from the pty master at once. */
+static __always_inline void emit_small(u32 which, u32 type, u32 tgid, u32 sess,
+                                       s32 fd, const u8 *src, u32 n)
+{
+    struct rec_data_small *r = which ? tty.ringbuf_reserve(sizeof(*r))
+                                     : ctl.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_drop(which);
+        return;
+    }
+    fill_hdr(&r->h, type, tgid, sess);
+    /* the clamp sits in the register the helper receives (LLVM 14 may
+     * otherwise bound a copy and the verifier sees an unbounded size) */
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(SMALL_CAP));
+    r->h.len = n;
+    r->fd = fd;
+    r->pad = 0;
+    bpf_probe_read_user(r->data, n, src);
+    if (which)
+        tty.ringbuf_submit(r, 0);
+    else
+        ctl.ringbuf_submit(r, 0);
+}
+
+static __always_inline void emit_big(u32 which, u32 type, u32 tgid, u32 sess,
+                                     s32 fd, const u8 *src, u32 n)
+{
+    struct rec_data_big *r = which ? tty.ringbuf_reserve(sizeof(*r))
+                                   : ctl.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_drop(which);
+        return;
+    }
+    fill_hdr(&r->h, type, tgid, sess);
+    /* the clamp sits in the register the helper receives (LLVM 14 may
+     * otherwise bound a copy and the verifier sees an unbounded size) */
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(BIG_CAP));
+    r->h.len = n;
+    r->fd = fd;
+    r->pad = 0;
+    bpf_probe_read_user(r->data, n, src);
+    if (which)
+        tty.ringbuf_submit(r, 0);
+    else
+        ctl.ringbuf_submit(r, 0);
+}
+
+static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
+                                      s32 fd, const u8 *src, u64 total)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (total == 0)
+            return;
+        u32 n = total > BIG_CAP ? BIG_CAP : total;
+        if (n <= SMALL_CAP)
+            emit_small(which, type, tgid, sess, fd, src, n);
+        else
+            emit_big(which, type, tgid, sess, fd, src, n);
+        src += n;
+        total -= n;
+    }
+}
+
+static __always_inline void emit_u32(u32 type, u32 tgid, u32 sess, u32 value, u32 fd)
+{
+    struct rec_u32 *r = ctl.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_drop(0);
+        return;
+    }
+    fill_hdr(&r->h, type, tgid, sess);
+    r->value = value;
+    r->fd = fd;
+    ctl.ringbuf_submit(r, 0);
+}
+
+static __always_inline int starts_with_sshd(const char *s)
+{
+    return s[0] == 's' && s[1] == 's' && s[2] == 'h' && s[3] == 'd';
+}
+
+/* ---- connections ---- */
+
+static __always_inline int accept_enter(void *sockaddr)
+{
+    char comm[16];
+    bpf_get_current_comm(comm, sizeof(comm));
+    if (!starts_with_sshd(comm) || !sockaddr)
+        return 0;
+    stash_put(ST_ACCEPT, (u64)sockaddr, 0, 0);
+    return 0;
+}
+
+static __always_inline int accept_exit(long ret)
+{
+    struct stash s = {};
+    if (!stash_take(ST_ACCEPT, &s) || ret < 0)
+        return 0;
+    u32 tgid = current_tgid();
+    struct peer p = {};
+    u8 raw[24] = {};
+    bpf_probe_read_user(raw, sizeof(raw), (void *)s.ptr);
+    p.family = raw[0] | (raw[1] << 8);
+    p.port = (raw[2] << 8) | raw[3];
+    if (p.family == AF_INET)
+        __builtin_memcpy(p.addr, raw + 4, 4);
+    else if (p.family == AF_INET6)
+        __builtin_memcpy(p.addr, raw + 8, 16);
+    else
+        return 0;
+    peers.update(&tgid, &p);
+    struct proc *pr = tracked.lookup(&tgid);
+    if (!pr) {
+        struct proc np = {.sess = 0, .flags = F_LISTENER | F_SSHD, .status = -1};
+        tracked.update(&tgid, &np);
+    } else {
+        pr->flags |= F_LISTENER;
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->upeer_sockaddr); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
+
+/* ---- process tree ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone)
+{
+    u32 tgid;
+    if (current_proc(&tgid))
+        stash_put(ST_CLONE, 0, args->clone_flags, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
+{
+    u32 tgid;
+    u64 flags = 0;
+    if (!current_proc(&tgid))
+        return 0;
+    bpf_probe_read_user(&flags, sizeof(flags), args->uargs);
+    stash_put(ST_CLONE, 0, flags, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    u32 parent;
+    struct proc *pp = current_proc(&parent);
+    if (!pp)
+        return 0;
+    struct stash s = {};
+    stash_take(ST_CLONE, &s);
+    if (s.arg & CLONE_THREAD)
+        return 0;              /* a thread: its tgid is tracked already */
+    u32 child = args->child_pid;
+    struct proc c = {.ppid = parent, .status = -1};
+    if (pp->flags & F_LISTENER) {
+        c.sess = child;
+        c.flags = F_SSHD | F_MONITOR;
+        tracked.update(&child, &c);
+        struct rec_connect *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (!r) {
+            count_drop(0);
+            return 0;
+        }
+        fill_hdr(&r->h, REC_CONNECT, child, child);
+        r->listener = parent;
+        struct peer *p = peers.lookup(&parent);
+        if (p) {
+            r->family = p->family;
+            r->port = p->port;
+            __builtin_memcpy(r->addr, p->addr, 16);
+            peers.delete(&parent);
+        } else {
+            r->family = 0;
+            r->port = 0;
+            __builtin_memset(r->addr, 0, 16);
+        }
+        ctl.ringbuf_submit(r, 0);
+        return 0;
+    }
+    c.sess = pp->sess;
+    c.flags = pp->flags & (F_SSHD | F_USER);
+    tracked.update(&child, &c);
+    return 0;
+}
+
+/* Read argv from the new process's stack: at sched_process_exec the kernel
+ * has just copied the strings there, so they are resident (reading the
+ * execve() argument pointers at syscall entry can fault and come back
+ * empty).  The strings are contiguous from argv[0] up to envp[0]. */
+static __always_inline void read_argv(struct rec_exec *r)
+{
+    struct task_struct *task = bpf_get_current_task_btf();
+    u64 regs = bpf_task_pt_regs(task);
+    u64 sp = 0, argc = 0, a0 = 0, alast = 0, e0 = 0;
+    bpf_probe_read_kernel(&sp, sizeof(sp), (void *)(regs + 152)); /* x86_64 pt_regs.sp */
+    bpf_probe_read_user(&argc, sizeof(argc), (void *)sp);
+    r->argc = argc > 0xffff ? 0xffff : argc;
+    r->truncated = 0;
+    r->h.len = 0;
+    if (argc == 0 || argc > 0x100000)
+        return;
+    bpf_probe_read_user(&a0, sizeof(a0), (void *)(sp + 8));
+    bpf_probe_read_user(&e0, sizeof(e0), (void *)(sp + 16 + 8 * argc));
+    u64 total = e0 > a0 ? e0 - a0 : 0;
+    if (total == 0 || total > (1 << 24)) {
+        /* no environment (env -i): end = last argument + its length */
+        bpf_probe_read_user(&alast, sizeof(alast), (void *)(sp + 8 * argc));
+        u64 head = alast > a0 ? alast - a0 : 0;
+        if (head >= ARGV_CAP) {
+            total = ARGV_CAP + 1;
+        } else {
+            bpf_probe_read_user(r->argv, head & (ARGV_CAP - 1), (void *)a0);
+            long n = bpf_probe_read_user_str(r->argv + (head & (ARGV_CAP - 1)),
+                                             LAST_ARG_CAP, (void *)alast);
+            r->h.len = head + (n > 0 ? n : 0);
+            r->truncated = n == LAST_ARG_CAP;
+            return;
+        }
+    }
+    if (total > ARGV_CAP) {
+        r->truncated = 1;
+        total = ARGV_CAP;
+    }
+    u32 n = total;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(ARGV_CAP));
+    bpf_probe_read_user(r->argv, n, (void *)a0);
+    r->h.len = n;
+}
+
+/* comm after exec is the image's basename: "sftp-server" or "scp" */
+static __always_inline int is_xfer(const char *c)
+{
+    return (c[0] == 's' && c[1] == 'c' && c[2] == 'p' && c[3] == 0) ||
+           (c[0] == 's' && c[1] == 'f' && c[2] == 't' && c[3] == 'p' && c[4] == '-' &&
+            c[5] == 's' && c[6] == 'e' && c[7] == 'r' && c[8] == 'v' && c[9] == 'e' &&
+            c[10] == 'r' && c[11] == 0);
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p)
+        return 0;
+    char comm[16];
+    bpf_get_current_comm(comm, sizeof(comm));
+    p->flags &= ~(F_XFER | F_CMD);
+    if (starts_with_sshd(comm)) {
+        p->flags |= F_SSHD;     /* a verdict taken at fork is revised here */
+        return 0;
+    }
+    p->flags &= ~F_SSHD;
+    if (!(p->flags & F_USER))
+        return 0;               /* sshd's own helpers (PAM, motd) are not user commands */
+    p->flags |= F_CMD;
+    if (is_xfer(comm))
+        p->flags |= F_XFER;
+    p->out_left = STDOUT_CAP;
+
+    struct rec_exec *r = ctl.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_drop(0);
+        return 0;
+    }
+    fill_hdr(&r->h, REC_EXEC, tgid, p->sess);
+    r->ppid = p->ppid;
+    r->uid = bpf_get_current_uid_gid();
+    unsigned short loc = args->data_loc_filename & 0xffff;
+    long n = bpf_probe_read_kernel_str(r->fname, FNAME_CAP, (void *)args + loc);
+    r->fname_len = n > 0 ? n : 0;
+    read_argv(r);
+    ctl.ringbuf_submit(r, 0);
+    return 0;
+}
+
+static __always_inline void forget_fds(u32 tgid, struct proc *p)
+{
+    /* The exit of a process closes its fds without close() calls. */
+#pragma unroll
+    for (int fd = 0; fd < 64; fd++) {
+        struct fd_key k = {.tgid = tgid, .fd = fd};
+        struct fd_val *v = fds.lookup(&k);
+        if (!v)
+            continue;
+        if (v->kind == FD_UPLOAD) {
+            struct rec_upload_close *r = ctl.ringbuf_reserve(sizeof(*r));
+            if (r) {
+                fill_hdr(&r->h, REC_UPLOAD_CLOSE, tgid, p->sess);
+                r->fd = fd;
+                r->pad = 0;
+                r->bytes = v->bytes;
+                ctl.ringbuf_submit(r, 0);
+            } else {
+                count_drop(0);
+            }
+        }
+        fds.delete(&k);
+    }
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32;
+    struct proc *p = tracked.lookup(&tgid);
+    if (!p)
+        return 0;
+#ifdef HAVE_GROUP_DEAD
+    if (!args->group_dead)
+        return 0;
+#else
+    if ((u32)id != tgid)
+        return 0;
+#endif
+    if (p->flags & (F_SSHD | F_XFER))
+        forget_fds(tgid, p);
+    if (p->flags & (F_CMD | F_MONITOR | F_XFER)) {
+        struct rec_exit *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (r) {
+            fill_hdr(&r->h, REC_EXIT, tgid, p->sess);
+#ifdef OFF_EXIT_CODE
+            int code = -1;
+            struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+            bpf_probe_read_kernel(&code, sizeof(code), (void *)task + OFF_EXIT_CODE);
+            r->status = code;
+#else
+            r->status = p->status;
+#endif
+            r->flags = p->flags;
+            ctl.ringbuf_submit(r, 0);
+        } else {
+            count_drop(0);
+        }
+    }
+    tracked.delete(&tgid);
+    return 0;
+}
+
+#ifndef OFF_EXIT_CODE
+TRACEPOINT_PROBE(syscalls, sys_enter_exit_group)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (p)
+        p->status = (args->error_code & 0xff) << 8;
+    return 0;
+}
+#endif
+
+/* ---- identity ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_setresuid)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD))
+        return 0;
+    if (args->ruid != args->euid || args->euid != args->suid || (int)args->ruid == -1)
+        return 0;              /* temporary switches (authorized_keys reads) */
+    p->flags |= F_USER;
+    emit_u32(REC_SETUID, tgid, p->sess, args->ruid, 0);
+    return 0;
+}
+
+/* ---- pty masters: opened by the monitor, used by the post-auth sshd ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD))
+        return 0;
+    if (args->cmd == TIOCSWINSZ) {
+        /* sshd sets the window size on the master it reads from */
+        u16 ws[2] = {};
+        bpf_probe_read_user(ws, sizeof(ws), (void *)args->arg);
+        fd_mark(tgid, args->fd, FD_PTMX);
+        struct rec_winsz *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (!r) {
+            count_drop(0);
+            return 0;
+        }
+        fill_hdr(&r->h, REC_WINSZ, tgid, p->sess);
+        r->rows = ws[0];
+        r->cols = ws[1];
+        r->fd = args->fd;
+        ctl.ringbuf_submit(r, 0);
+    } else if (args->cmd == TIOCGPTN) {
+        stash_put(ST_PTN, args->arg, 0, args->fd);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+    struct stash s = {};
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD) || !stash_take(ST_PTN, &s) || args->ret != 0)
+        return 0;
+    u32 n = 0;
+    bpf_probe_read_user(&n, sizeof(n), (void *)s.ptr);
+    fd_mark(tgid, s.fd, FD_PTMX);
+    emit_u32(REC_PTY, tgid, p->sess, n, s.fd);
+    return 0;
+}
+
+static __always_inline int dup_enter(u32 oldfd, s32 newfd)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD))
+        return 0;
+    struct fd_val *v = fd_lookup(tgid, oldfd);
+    if (newfd >= 0) {                    /* dup2/dup3: target known now */
+        if (v)
+            fd_mark(tgid, newfd, v->kind);
+        else
+            fd_forget(tgid, newfd);
+    } else if (v) {
+        stash_put(ST_DUP, 0, v->kind, oldfd);
+    }
+    return 0;
+}
+
+static __always_inline int dup_exit(long ret)
+{
+    struct stash s = {};
+    if (stash_take(ST_DUP, &s) && ret >= 0)
+        fd_mark(current_tgid(), ret, s.arg);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_dup) { return dup_enter(args->fildes, -1); }
+TRACEPOINT_PROBE(syscalls, sys_exit_dup) { return dup_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup2) { return dup_enter(args->oldfd, args->newfd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_dup3) { return dup_enter(args->oldfd, args->newfd); }
+TRACEPOINT_PROBE(syscalls, sys_enter_fcntl)
+{
+    if (args->cmd != F_DUPFD && args->cmd != F_DUPFD_CLOEXEC)
+        return 0;
+    return dup_enter(args->fd, -1);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_fcntl) { return dup_exit(args->ret); }
+
+TRACEPOINT_PROBE(syscalls, sys_enter_close)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & (F_SSHD | F_XFER)))
+        return 0;
+    struct fd_key k = {.tgid = tgid, .fd = args->fd};
+    struct fd_val *v = fds.lookup(&k);
+    if (!v)
+        return 0;
+    if (v->kind == FD_UPLOAD) {
+        struct rec_upload_close *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (r) {
+            fill_hdr(&r->h, REC_UPLOAD_CLOSE, tgid, p->sess);
+            r->fd = args->fd;
+            r->pad = 0;
+            r->bytes = v->bytes;
+            ctl.ringbuf_submit(r, 0);
+        } else {
+            count_drop(0);
+        }
+    }
+    fds.delete(&k);
+    return 0;
+}
+
+/* ---- terminal bytes ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD))
+        return 0;
+    struct fd_val *v = fd_lookup(tgid, args->fd);
+    if (v && v->kind == FD_PTMX)
+        stash_put(ST_READ, (u64)args->buf, 0, args->fd);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_read)
+{
+    struct stash s = {};
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD) || !stash_take(ST_READ, &s))
+        return 0;
+    if (args->ret > 0)
+        emit_data(1, REC_TTY_OUT, tgid, p->sess, s.fd, (const u8 *)s.ptr, args->ret);
+    return 0;
+}
+
+/* Writes: keystrokes into a master, failed-login records into btmp, a
+ * command's first output bytes, upload byte counts. */
+static __always_inline int on_write(u32 fd, const u8 *buf, u64 count)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p)
+        return 0;
+    if ((p->flags & F_CMD) && (fd == 1 || fd == 2) && p->out_left > 0) {
+        u32 n = count < p->out_left ? count : p->out_left;
+        p->out_left -= n;
+        emit_data(0, REC_STDOUT, tgid, p->sess, fd, buf, n);
+    }
+    if (!(p->flags & (F_SSHD | F_XFER)))
+        return 0;
+    struct fd_val *v = fd_lookup(tgid, fd);
+    if (!v)
+        return 0;
+    if (v->kind == FD_UPLOAD)
+        __sync_fetch_and_add(&v->bytes, count);
+#if CAPTURE_INPUT
+    else if (v->kind == FD_PTMX)
+        emit_data(1, REC_TTY_IN, tgid, p->sess, fd, buf, count);
+#endif
+    else if (v->kind == FD_BTMP && count == 384)
+        emit_data(0, REC_BTMP, tgid, p->sess, fd, buf, count);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { return on_write(args->fd, (const u8 *)args->buf, args->count); }
+TRACEPOINT_PROBE(syscalls, sys_enter_pwrite64) { return on_write(args->fd, (const u8 *)args->buf, args->count); }
+
+/* ---- failed logins: sshd's NETLINK_AUDIT messages ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_socket)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (p && (p->flags & F_SSHD) && args->family == AF_NETLINK && args->protocol == NETLINK_AUDIT)
+        stash_put(ST_SOCKET, 0, 0, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_socket)
+{
+    struct stash s = {};
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !stash_take(ST_SOCKET, &s))
+        return 0;
+    if (args->ret >= 0)
+        fd_mark(tgid, args->ret, FD_AUDIT);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !(p->flags & F_SSHD))
+        return 0;
+    struct fd_val *v = fd_lookup(tgid, args->fd);
+    if (v && v->kind == FD_AUDIT)
+        emit_data(0, REC_AUDIT, tgid, p->sess, args->fd, args->buff,
+                  args->len > 1024 ? 1024 : args->len);
+    return 0;
+}
+
+/* ---- opens: pty masters, btmp, uploads (paths read at exit: resident) ---- */
+
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p)
+        return 0;
+    if ((p->flags & F_SSHD) || ((p->flags & F_XFER) && (args->flags & 3)))
+        stash_put(ST_OPENAT, (u64)args->filename, ((u64)args->mode << 32) | (u32)args->flags, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+    struct stash s = {};
+    u32 tgid;
+    struct proc *p = current_proc(&tgid);
+    if (!p || !stash_take(ST_OPENAT, &s) || args->ret < 0)
+        return 0;
+    s32 fd = args->ret;
+    if (p->flags & F_XFER) {
+        fd_mark(tgid, fd, FD_UPLOAD);
+        struct rec_upload_open *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (!r) {
+            count_drop(0);
+            return 0;
+        }
+        fill_hdr(&r->h, REC_UPLOAD_OPEN, tgid, p->sess);
+        r->fd = fd;
+        r->flags = (u32)s.arg;
+        r->mode = s.arg >> 32;
+        r->pad = 0;
+        long n = bpf_probe_read_user_str(r->path, PATH_CAP, (void *)s.ptr);
+        r->h.len = n > 0 ? n : 0;
+        ctl.ringbuf_submit(r, 0);
+        return 0;
+    }
+    char path[16] = {};
+    bpf_probe_read_user_str(path, sizeof(path), (void *)s.ptr);
+    if (path[0] == '/' && path[1] == 'd' && path[2] == 'e' && path[3] == 'v' && path[4] == '/' &&
+        path[5] == 'p' && path[6] == 't' && path[7] == 'm' && path[8] == 'x' && path[9] == 0)
+        fd_mark(tgid, fd, FD_PTMX);
+    else if (path[0] == '/' && path[1] == 'v' && path[2] == 'a' && path[3] == 'r' && path[4] == '/' &&
+             path[5] == 'l' && path[6] == 'o' && path[7] == 'g' && path[8] == '/' && path[9] == 'b' &&
+             path[10] == 't' && path[11] == 'm' && path[12] == 'p' && path[13] == 0)
+        fd_mark(tgid, fd, FD_BTMP);
+    return 0;
+}
