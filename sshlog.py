@@ -205,15 +205,19 @@ def boot_time(proc=PROC):
     return 0
 
 
-def passwd_name(uid, root="/"):
-    """Name of `uid` in the passwd file of the sshd's own root (a chroot or a
-    container has its own users), or the uid as text."""
+def passwd_entry(uid, root="/"):
+    """(name, home) of `uid` in the passwd file of the sshd's own root (a
+    chroot or a container has its own users), or (uid as text, "")."""
     text = read_text(os.path.join(root, "etc/passwd")) or ""
     for line in text.splitlines():
         parts = line.split(":")
-        if len(parts) > 2 and parts[2] == str(uid):
-            return parts[0]
-    return str(uid)
+        if len(parts) > 5 and parts[2] == str(uid):
+            return parts[0], parts[5]
+    return str(uid), ""
+
+
+def passwd_name(uid, root="/"):
+    return passwd_entry(uid, root)[0]
 
 
 def signal_name(num):
@@ -778,6 +782,7 @@ class Session:
     last_command: str = ""
     auth_acct: str = ""           # account named by PAM/btmp before a failure
     auth_method: str = ""
+    invalid_pending: bool = False # sshd named an unknown user; no attempt reported yet
     commands: dict = dataclasses.field(default_factory=dict)
     uploads: dict = dataclasses.field(default_factory=dict)
 
@@ -938,7 +943,8 @@ class Tracker:
         try:
             cwd = os.readlink("%s/%d/cwd" % (self.proc, pid))
         except OSError:
-            return path
+            # gone already: scp -t and sftp-server start in the user's home
+            cwd = passwd_entry(s.uid, s.root)[1] or "/"
         if s.root != "/" and cwd.startswith(s.root):
             cwd = cwd[len(s.root):] or "/"
         return os.path.normpath(os.path.join(cwd, path))
@@ -1002,6 +1008,8 @@ class Tracker:
                 stdout_size=cmd.stdout_size, **self._base(s, ts)))
             s.last_activity = ts
         if rec.pid == s.ptm_pid:
+            if s.invalid_pending and not s.established:
+                events.append(self._auth_failed(s, ts, s.auth_acct, True))
             events.append(ConnectionClose(end_time=ts, duration_ms=int((ts - s.start) * 1000),
                                           **self._base(s, ts)))
             with self.lock:
@@ -1060,14 +1068,22 @@ class Tracker:
                                     and passwd_name(int(uid), s.root) == s.auth_acct else "")]
         acct = f.get("acct", "")
         invalid = acct == "(invalid user)"
-        name = s.auth_acct if (invalid or not acct or acct == "?") else acct
-        method = s.auth_method or ("password" if invalid and s.auth_acct else "publickey")
-        reason = "invalid user" if invalid else "authentication failed"
-        s.auth_method = ""
+        if invalid and not s.auth_method:
+            # sshd audits an unknown name as soon as it is looked up, before
+            # any credential: report it once, at a failure or at the close
+            s.invalid_pending = True
+            return []
+        return [self._auth_failed(s, ts, s.auth_acct if (invalid or acct in ("", "?")) else acct,
+                                  invalid)]
+
+    def _auth_failed(self, s, ts, name, invalid):
+        method = s.auth_method or "publickey"
+        s.auth_method, s.invalid_pending = "", False
         base = self._base(s, ts)
         base["username"] = name
         base["user_id"] = -1
-        return [ConnectionAuthFailed(auth_method=method, reason=reason, **base)]
+        return ConnectionAuthFailed(auth_method=method, reason="invalid user" if invalid
+                                    else "authentication failed", **base)
 
     # -- sessions open before we started --
 
