@@ -452,6 +452,7 @@ class Sshd:
         self.host_key = os.path.join(self.workdir, "ssh_host_ed25519_key")
         self.pid_file = os.path.join(self.workdir, "sshd.pid")
         self.known_hosts = os.path.join(self.workdir, "known_hosts")
+        self.stderr_path = os.path.join(self.workdir, "sshd.stderr")
 
     # -- paths as the client sees them (identity here; ChrootSshd prefixes its root) --
     def host_path(self, path: str) -> str:
@@ -508,9 +509,11 @@ class Sshd:
                 self.port = _free_port_all(self.listen)
             self._prepare()
             log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
-            self.proc = subprocess.Popen(self._argv(), stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         start_new_session=True)
+            # stderr goes to a file, not a pipe nobody drains during a long session.
+            with open(self.stderr_path, "ab") as err:
+                self.proc = subprocess.Popen(self._argv(), stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=err,
+                                             start_new_session=True)
             self.pid = self.proc.pid
             st = _read_stat(self.pid)
             self._starttime = st[2] if st else None
@@ -540,11 +543,11 @@ class Sshd:
                 return
             rc = self.proc.poll()
             if rc is not None or time.monotonic() >= deadline:
-                err = ""
-                if rc is not None and self.proc.stderr is not None:
-                    err = self.proc.stderr.read().decode(errors="replace")
+                with open(self.stderr_path, "rb") as f:
+                    err = f.read()[-2000:].decode(errors="replace")
                 raise HarnessError(
-                    "sshd did not listen on %s port %s within %.0fs (rc=%s)\n--- log ---\n%s%s"
+                    "sshd did not listen on %s port %s within %.0fs (rc=%s)\n--- log ---\n%s"
+                    "--- stderr ---\n%s"
                     % (list(self.listen), self.port, self.STARTUP_TIMEOUT, rc, text[-3000:], err))
             time.sleep(0.05)
 
@@ -579,8 +582,6 @@ class Sshd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(timeout=5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
         self.proc = None
 
     def stop(self) -> None:

@@ -167,6 +167,7 @@ def test_ipv6_login(sshd, users):
 def test_stop_kills_sessions(tmp_path, users):
     """A private sshd: stop() must end the listener and open sessions, by pid."""
     server = harness.Sshd(str(tmp_path), listen=("127.0.0.1",)).start()
+    s = None
     try:
         s = harness.PtySession(server, users["sshlogt1"])
         harness.wait_for(server.session_pids, timeout=5, desc="a session process")
@@ -174,6 +175,7 @@ def test_stop_kills_sessions(tmp_path, users):
         assert len(tree) >= 3, tree  # listener, monitor, session child (+ shell)
     finally:
         server.stop()
+    assert s is not None
     try:
         harness.wait_for(lambda: not any(os.path.exists("/proc/%d" % p) and
                                          harness._alive(p) for p in tree),
