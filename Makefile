@@ -56,7 +56,7 @@ TEST_ENV    = PYTHONPATH=$(CURDIR):$(CURDIR)/$(VENDOR)$(if $(PYTHONPATH),:$(PYTH
 DEB_ARCH := $(or $(shell dpkg --print-architecture 2>/dev/null),amd64)
 DEPS_PKGS := python3-bpfcc bpfcc-tools bpftool linux-headers-$(DEB_ARCH) \
              openssh-server openssh-client sshpass python3-pytest python3-hypothesis \
-             python3-yaml python3-pip rsyslog asciinema debootstrap tmux
+             python3-yaml python3-pip rsyslog asciinema debootstrap tmux sudo
 
 PYZ_SOURCES := sshlog.py $(wildcard bpf_probes.c) \
                $(if $(wildcard conf.d samples),$(shell find $(wildcard conf.d samples) \

@@ -783,6 +783,7 @@ class Session:
     auth_acct: str = ""           # account named by PAM/btmp before a failure
     auth_method: str = ""
     invalid_pending: bool = False # sshd named an unknown user; no attempt reported yet
+    tty_bytes: int = 0            # terminal output captured
     commands: dict = dataclasses.field(default_factory=dict)
     uploads: dict = dataclasses.field(default_factory=dict)
 
@@ -793,7 +794,8 @@ class Session:
                 "server_ip": self.server_ip, "server_port": self.server_port,
                 "sshd_pid": self.listener, "start_time": rfc3339(self.start),
                 "last_activity_time": rfc3339(self.last_activity or self.start),
-                "last_command": self.last_command, "rows": self.rows, "cols": self.cols}
+                "last_command": self.last_command, "rows": self.rows, "cols": self.cols,
+                "terminal_bytes": self.tty_bytes}
 
 
 def socket_addresses(pid, proc=PROC):
@@ -1023,6 +1025,7 @@ class Tracker:
         if rec.type == REC_TTY_OUT:
             ts = self.clock.wall(rec.ts)
             s.last_activity = ts
+            s.tty_bytes += len(rec.data)
             return [TerminalUpdate(terminal_data=decode_bytes(rec.data), data_len=len(rec.data),
                                    raw=rec.data, **self._base(s, ts))]
         if rec.type == REC_STDOUT:

@@ -25,8 +25,7 @@ def sshlog_argv():
     return ["/usr/bin/python3", os.path.join(TOP, "sshlog.py")]
 
 
-CONFIG = """\
-events:
+JSON_RULE = """\
   - event: everything_as_json
     triggers: %s
     actions:
@@ -35,6 +34,8 @@ events:
         log_file_path: %s
         output_json: true
         max_size_mb: 200
+"""
+TEXT_RULE = """\
   - event: text_log
     triggers: [connection_established, connection_auth_failed, connection_close,
                command_start, command_finish, file_upload]
@@ -46,7 +47,7 @@ events:
 
 
 class SshlogDaemon:
-    def __init__(self, workdir, triggers=ALL_TRIGGERS, extra_args=()):
+    def __init__(self, workdir, triggers=ALL_TRIGGERS, extra_args=(), json_log=True):
         self.dir = str(workdir)
         self.config_dir = os.path.join(self.dir, "cfg")
         self.socket = os.path.join(self.dir, "sshlog.sock")
@@ -56,7 +57,10 @@ class SshlogDaemon:
         self.extra_args = list(extra_args)
         os.makedirs(os.path.join(self.config_dir, "conf.d"), exist_ok=True)
         with open(os.path.join(self.config_dir, "conf.d", "test.yaml"), "w") as f:
-            f.write(CONFIG % (json.dumps(list(triggers)), self.json_log, self.text_log))
+            f.write("events:\n")
+            if json_log:
+                f.write(JSON_RULE % (json.dumps(list(triggers)), self.json_log))
+            f.write(TEXT_RULE % self.text_log)
         self.proc = None
         self._seen = 0
         self._events = []
