@@ -47,7 +47,10 @@ TEXT_RULE = """\
 
 
 class SshlogDaemon:
-    def __init__(self, workdir, triggers=ALL_TRIGGERS, extra_args=(), json_log=True):
+    def __init__(self, workdir, triggers=ALL_TRIGGERS, extra_args=(), json_log=True,
+                 config_text=None):
+        """`config_text`: YAML added as conf.d/extra.yaml (its own events and
+        actions) beside the JSON/text event logs the tests read."""
         self.dir = str(workdir)
         self.config_dir = os.path.join(self.dir, "cfg")
         self.socket = os.path.join(self.dir, "sshlog.sock")
@@ -61,6 +64,9 @@ class SshlogDaemon:
             if json_log:
                 f.write(JSON_RULE % (json.dumps(list(triggers)), self.json_log))
             f.write(TEXT_RULE % self.text_log)
+        if config_text:
+            with open(os.path.join(self.config_dir, "conf.d", "extra.yaml"), "w") as f:
+                f.write(config_text)
         self.proc = None
         self._seen = 0
         self._events = []
