@@ -220,6 +220,15 @@ def passwd_name(uid, root="/"):
     return passwd_entry(uid, root)[0]
 
 
+def passwd_uid(name, root="/"):
+    """uid of `name` in that root's passwd, or None."""
+    for line in (read_text(os.path.join(root, "etc/passwd")) or "").splitlines():
+        parts = line.split(":")
+        if len(parts) > 2 and parts[0] == name and parts[2].isdigit():
+            return int(parts[2])
+    return None
+
+
 def signal_name(num):
     try:
         return signal.Signals(num).name
@@ -279,7 +288,8 @@ class Event:
     client_port: int = 0
     server_ip: str = ""
     server_port: int = 0
-    sshd_pid: int = 0
+    sshd_pid: int = 0             # the listening sshd (host, chroot or container)
+    sshd_root: str = "/"          # that sshd's root directory as the host sees it
     start_time: float = 0.0       # when the connection began
     existing: bool = False        # the session was open before the daemon started
 
@@ -792,7 +802,8 @@ class Session:
                 "username": self.username, "user_id": self.uid, "tty_id": self.tty,
                 "client_ip": self.client_ip, "client_port": self.client_port,
                 "server_ip": self.server_ip, "server_port": self.server_port,
-                "sshd_pid": self.listener, "start_time": rfc3339(self.start),
+                "sshd_pid": self.listener, "sshd_root": self.root,
+                "start_time": rfc3339(self.start),
                 "last_activity_time": rfc3339(self.last_activity or self.start),
                 "last_command": self.last_command, "rows": self.rows, "cols": self.cols,
                 "terminal_bytes": self.tty_bytes}
@@ -890,6 +901,7 @@ class Tracker:
                     session_id=s.session_id, username=s.username, user_id=s.uid,
                     tty_id=s.tty, client_ip=s.client_ip, client_port=s.client_port,
                     server_ip=s.server_ip, server_port=s.server_port, sshd_pid=s.listener,
+                    sshd_root=s.root,
                     start_time=s.start, existing=s.existing)
 
     def sessions(self):
@@ -965,9 +977,11 @@ class Tracker:
             self.live[rec.pid] = s
         return []
 
-    def _establish(self, s, uid, ts, acct=""):
+    def _establish(self, s, uid, ts):
         s.uid = uid
-        s.username = acct or passwd_name(uid, s.root)
+        # the name PAM saw wins when it maps to this uid (several names may share one)
+        acct_ok = s.auth_acct and passwd_uid(s.auth_acct, s.root) == uid
+        s.username = s.auth_acct if acct_ok else passwd_name(uid, s.root)
         s.established = True
         s.last_activity = ts
         return ConnectionEstablished(**self._base(s, ts))
@@ -1052,11 +1066,11 @@ class Tracker:
         f = parse_audit_fields(decode_bytes(rec.data[16:].split(b"\0", 1)[0]))
         ts = self.clock.wall(rec.ts)
         op, res = f.get("op", ""), f.get("res", "")
-        if msg_type == 1100 and op == "PAM:authentication":   # AUDIT_USER_AUTH
+        if op.startswith("PAM:"):         # 1100-1106: PAM names the account
             acct = f.get("acct", "")
             if acct and acct != "?":
                 s.auth_acct = acct
-            if res == "failed":
+            if msg_type == 1100 and res == "failed":        # AUDIT_USER_AUTH
                 s.auth_method = "password"
             return []
         if msg_type != 1112 or op != "login":                  # AUDIT_USER_LOGIN
@@ -1067,8 +1081,7 @@ class Tracker:
             uid = f.get("id", "")
             if not uid.isdigit():
                 return []
-            return [self._establish(s, int(uid), ts, acct=s.auth_acct if s.auth_acct
-                                    and passwd_name(int(uid), s.root) == s.auth_acct else "")]
+            return [self._establish(s, int(uid), ts)]
         acct = f.get("acct", "")
         invalid = acct == "(invalid user)"
         if invalid and not s.auth_method:
@@ -1147,6 +1160,11 @@ class Tracker:
                     user_uid = uid
             if sshd:
                 self._discover_ptys(pid, s, probes)
+                # sshd titles itself "sshd: NAME@pts/N" / "sshd-session: NAME [priv]"
+                title = (read_text("%s/%d/cmdline" % (self.proc, pid)) or "").split("\0")[0]
+                m = re.match(r"sshd[\w-]*: ([^\s@\[]+)(?:@| \[priv\])", title)
+                if m:
+                    s.auth_acct = m.group(1)
             if probes:
                 probes.track(pid, ptm, ppid, flags)
             for child in children.get(pid, []):
@@ -2163,11 +2181,14 @@ def cmd_sessions(args):
         start = datetime.datetime.strptime(s["start_time"], "%Y-%m-%dT%H:%M:%S.%fZ") \
             .replace(tzinfo=datetime.timezone.utc).timestamp()
         ip = "[%s]" % s["client_ip"] if ":" in s["client_ip"] else s["client_ip"]
+        sshd = "%d:%d" % (s["sshd_pid"], s["server_port"])
+        if s["sshd_root"] != "/":
+            sshd += " " + printable(s["sshd_root"])
         rows.append((printable(s["username"]), humanize_age(now - last),
                      printable(s["last_command"])[:60], local_time(start),
-                     "%s:%d" % (ip, s["client_port"]), s["tty_id"]))
+                     "%s:%d" % (ip, s["client_port"]), s["tty_id"], sshd))
     print(format_table(("User", "Last Activity", "Last Command", "Session Start",
-                        "Client IP", "TTY"), rows))
+                        "Client IP", "TTY", "SSHD"), rows))
     return 0
 
 

@@ -755,7 +755,7 @@ class ChrootSshd(Sshd):
         uid = user.uid if uid is None else uid
         cp = self.chroot_run(["id", "-u", user.name], check=False)
         if cp.returncode != 0:
-            self.chroot_run(["useradd", "-m", "-s", "/bin/bash", "-u", str(uid), user.name])
+            self.chroot_run(["useradd", "-m", "-o", "-s", "/bin/bash", "-u", str(uid), user.name])
         elif int(cp.stdout) != uid:
             raise HarnessError("chroot user %s exists with uid %s, wanted %d"
                                % (user.name, cp.stdout.strip().decode(), uid))

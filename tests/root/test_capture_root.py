@@ -27,7 +27,8 @@ def finish_of(daemon, tok, timeout=15):
                               and tok in e["args"], timeout=timeout)[0]
 
 
-def test_pty_login_established_commands_and_close(daemon, sshd, users):
+def test_pty_login_established_commands_and_close(daemon, target):
+    sshd, users = target.sshd, target.users
     u = users["sshlogt1"]
     tok = token()
     with harness.PtySession(sshd, u) as s:
@@ -62,7 +63,8 @@ def test_pty_login_established_commands_and_close(daemon, sshd, users):
                      % (ptm, u.name, est["client_port"]), text, re.M)
 
 
-def test_non_pty_command_exit_code_and_many_args(daemon, sshd, users):
+def test_non_pty_command_exit_code_and_many_args(daemon, target):
+    sshd, users = target.sshd, target.users
     tok = token()
     args = " ".join("a%d" % i for i in range(40))
     r = harness.ssh_run(sshd, users["sshlogt2"], "/bin/echo %s %s; exit 5" % (tok, args))
@@ -76,7 +78,8 @@ def test_non_pty_command_exit_code_and_many_args(daemon, sshd, users):
     assert shell[0]["exit_code"] == 5
 
 
-def test_signal_death_reports_the_signal(daemon, sshd, users):
+def test_signal_death_reports_the_signal(daemon, target):
+    sshd, users = target.sshd, target.users
     tok = token()
     harness.ssh_run(sshd, users["sshlogt1"],
                     "sh -c 'kill -TERM $$' %s; sh -c 'kill -KILL $$' %s; true" % (tok, tok))
@@ -86,7 +89,8 @@ def test_signal_death_reports_the_signal(daemon, sshd, users):
     assert by_sig == {"SIGTERM": 143, "SIGKILL": 137}
 
 
-def test_pipeline_nested_shell_and_parent_pids(daemon, sshd, users):
+def test_pipeline_nested_shell_and_parent_pids(daemon, target):
+    sshd, users = target.sshd, target.users
     tok = token()
     harness.ssh_run(sshd, users["sshlogt1"],
                     "bash -c \"echo %s | tr a-z A-Z | cat\"; sh -c 'sh -c \"exit 4\"' %s" % (tok, tok))
@@ -103,7 +107,8 @@ def test_pipeline_nested_shell_and_parent_pids(daemon, sshd, users):
     assert inner[0]["exit_code"] == 4
 
 
-def test_invalid_utf8_and_escape_sequences_are_kept(daemon, sshd, users):
+def test_invalid_utf8_and_escape_sequences_are_kept(daemon, target):
+    sshd, users = target.sshd, target.users
     tok = token()
     harness.ssh_run(sshd, users["sshlogt1"], "/bin/echo %s $'\\xff\\xfe' $'\\e[2J'" % tok)
     fin = finish_of(daemon, tok)
@@ -114,7 +119,8 @@ def test_invalid_utf8_and_escape_sequences_are_kept(daemon, sshd, users):
     assert b"\x1b" not in line and b"\\x1b[2J" in line, "text log lines cannot carry escapes"
 
 
-def test_uploads_scp_both_protocols_and_sftp(daemon, sshd, users, tmp_path):
+def test_uploads_scp_both_protocols_and_sftp(daemon, target, tmp_path):
+    sshd, users = target.sshd, target.users
     u = users["sshlogt2"]
     src = tmp_path / "payload.bin"
     src.write_bytes(os.urandom(123457))
@@ -130,10 +136,11 @@ def test_uploads_scp_both_protocols_and_sftp(daemon, sshd, users, tmp_path):
     for e in ups:
         assert e["bytes"] == 123457 and e["username"] == u.name and e["file_mode"]
     for p in paths:
-        os.unlink(p)
+        os.unlink(sshd.host_path(p))
 
 
-def test_auth_failures_key_password_unknown_user(daemon, sshd, users):
+def test_auth_failures_key_password_unknown_user(daemon, target):
+    sshd, users = target.sshd, target.users
     u = users["sshlogt1"]
     assert harness.ssh_bad_key(sshd, u).returncode != 0
     assert harness.ssh_password(sshd, u.name, "wrong-password", "true").returncode != 0
@@ -156,7 +163,8 @@ def test_auth_failures_key_password_unknown_user(daemon, sshd, users):
         assert kinds <= {"connection_auth_failed", "connection_close"}, kinds
 
 
-def test_ipv6_client(daemon, sshd, users):
+def test_ipv6_client(daemon, target):
+    sshd, users = target.sshd, target.users
     tok = token()
     harness.ssh_run(sshd, users["sshlogt1"], "/bin/echo %s" % tok, host="::1")
     fin = finish_of(daemon, tok)
@@ -188,7 +196,8 @@ def test_sudo_in_session(daemon, sshd, users):
     assert sudo[0]["exit_code"] == 0
 
 
-def test_terminal_stream_is_complete(daemon, sshd, users):
+def test_terminal_stream_is_complete(daemon, target):
+    sshd, users = target.sshd, target.users
     u = users["sshlogt2"]
     with harness.PtySession(sshd, u) as s:
         tty = s.tty_name()
@@ -208,7 +217,8 @@ def test_terminal_stream_is_complete(daemon, sshd, users):
     assert st["bpf_drops"] == {"ctl": 0, "tty": 0}
 
 
-def test_concurrent_sessions_sessions_and_watch_cli(daemon, sshd, users):
+def test_concurrent_sessions_sessions_and_watch_cli(daemon, target):
+    sshd, users = target.sshd, target.users
     watch = subprocess.Popen(["timeout", "-s", "INT", "20"] + __import__("sshlog_daemon").sshlog_argv()
                              + ["watch", "--socket", daemon.socket], stdout=subprocess.PIPE)
     watch_json = subprocess.Popen(["timeout", "-s", "INT", "20"] + __import__("sshlog_daemon").sshlog_argv()
@@ -228,9 +238,9 @@ def test_concurrent_sessions_sessions_and_watch_cli(daemon, sshd, users):
         assert row["last_command"] == "/bin/echo %s" % tok and row["client_ip"] == "127.0.0.1"
         table = daemon.cli("sessions").stdout.decode()
         assert table.splitlines()[0].split() == ["User", "Last", "Activity", "Last", "Command",
-                                                 "Session", "Start", "Client", "IP", "TTY"]
+                                                 "Session", "Start", "Client", "IP", "TTY", "SSHD"]
         assert re.search(r"^sshlogt1\s+just now\s+/bin/echo %s\s+\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\s+"
-                         r"127\.0\.0\.1:\d+\s+%d$" % (tok, ta), table, re.M)
+                         r"127\.0\.0\.1:\d+\s+%d\s+%d:%d" % (tok, ta, sshd.pid, sshd.port), table, re.M)
     watch.send_signal(2)
     watch_json.send_signal(2)
     out = watch.communicate(timeout=10)[0].decode()
@@ -260,7 +270,8 @@ def test_status_counts_events(daemon):
     assert "json_log" in st["actions"] and st["actions"]["json_log"]["dropped"] == 0
 
 
-def test_daemon_started_after_the_session(tmp_path, sshd, users):
+def test_daemon_started_after_the_session(target, tmp_path):
+    sshd, users = target.sshd, target.users
     u = users["sshlogt2"]
     tok = token()
     with harness.PtySession(sshd, u) as s:
@@ -301,3 +312,21 @@ def test_second_daemon_on_same_socket_is_refused(daemon):
         capture_output=True, timeout=30)
     assert r.returncode == 1
     assert b"another sshlog daemon" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.chroot
+def test_same_uid_different_names_host_and_chroot(daemon, sshd, chroot_sshd, users):
+    """Names come from each sshd's own passwd: one uid, two names."""
+    host_user = users["sshlogt1"]
+    other = harness.TestUser(name="sshlogc1", uid=host_user.uid, password="Pw-sshlogc1-9",
+                             key=host_user.key, wrong_key=host_user.wrong_key, home="")
+    chroot_user = chroot_sshd.add_user(other, uid=host_user.uid)
+    tok = token()
+    harness.ssh_run(chroot_sshd, chroot_user, "/bin/echo %s chroot" % tok)
+    harness.ssh_run(sshd, host_user, "/bin/echo %s host" % tok)
+    fins = daemon.wait_events(lambda e: e["event_type"] == "command_finish"
+                              and e["argv"][:2] == ["/bin/echo", tok], count=2)
+    names = {e["argv"][2]: (e["username"], e["user_id"], e["sshd_pid"], e["sshd_root"])
+             for e in fins}
+    assert names["chroot"] == ("sshlogc1", host_user.uid, chroot_sshd.pid, chroot_sshd.root)
+    assert names["host"] == ("sshlogt1", host_user.uid, sshd.pid, "/")
