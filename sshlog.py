@@ -8,11 +8,12 @@ actions (event log, syslog, statsd, Slack, webhooks, e-mail, commands) chosen
 by YAML configuration compatible with the original sshlog agent.
 
 USAGE:
-    sshlog daemon [--config-dir DIR] [--socket PATH] [--log-file PATH] [--debug]
+    sshlog daemon [--config-dir DIR] [--plugin-dir DIR] [--socket PATH] [--log-file PATH]
+                  [--debug]
     sshlog watch [--json] [--all]         print events as they happen
     sshlog sessions [--json]              list live sessions
     sshlog status [--json]                daemon counters (events, drops, queues)
-    sshlog check-config [--config-dir DIR]
+    sshlog check-config [--config-dir DIR] [--plugin-dir DIR] [--explain]
     sshlog doctor                         check what the daemon needs
     sshlog version
     sshlog dump-probes                    print the BPF C text and flags
@@ -39,8 +40,10 @@ Copyright the sshlog authors.  License: Apache-2.0.
 #   Config schema & loading
 #   Filters
 #   Actions
+#   Plugin loader
 #   Pipeline / dispatcher
 #   Daemon & socket API
+#   Reports
 #   CLI commands
 #   main()
 
@@ -49,7 +52,9 @@ Copyright the sshlog authors.  License: Apache-2.0.
 ###############################################################################
 
 import argparse
+import calendar
 import collections
+import csv
 import ctypes
 import dataclasses
 import datetime
@@ -58,6 +63,7 @@ import errno
 import fcntl
 import glob
 import grp
+import gzip
 import hashlib
 import ipaddress
 import json
@@ -67,14 +73,17 @@ import os
 import queue
 import re
 import select
+import shutil
 import signal
 import socket
 import socketserver
 import stat
 import struct
+import subprocess
 import sys
 import threading
 import time
+import zlib
 
 __version__ = "0.2.0"
 
@@ -321,6 +330,8 @@ class Event:
 
 @dataclasses.dataclass(frozen=True)
 class ConnectionEstablished(Event):
+    rows: int = 0                 # window size at login (0: no pty or not known yet)
+    cols: int = 0
     type = "connection_established"
 
     def detail(self):
@@ -411,6 +422,8 @@ class TerminalUpdate(Event):
     terminal_data: str = ""
     data_len: int = 0
     raw: bytes = b""              # exact bytes, for recordings and attach
+    offset: int = 0               # bytes of this session's stream before this chunk
+    lost_bytes: int = 0           # bytes lost (BPF ring full) just before this chunk
     type = "terminal_update"
 
     def to_dict(self):
@@ -419,13 +432,64 @@ class TerminalUpdate(Event):
         return d
 
     def detail(self):
-        return "terminal update (%d bytes)" % self.data_len
+        lost = ", %d bytes lost before it" % self.lost_bytes if self.lost_bytes else ""
+        return "terminal update (%d bytes%s)" % (self.data_len, lost)
+
+
+@dataclasses.dataclass(frozen=True)
+class TerminalInput(TerminalUpdate):
+    """Keystrokes sshd wrote to the pty master: only when a sessionlog action
+    asks for input capture, and never while the pty has ECHO off (the BPF
+    side drops them)."""
+    type = "terminal_input"
+
+    def detail(self):
+        return "terminal input (%d bytes)" % self.data_len
+
+
+@dataclasses.dataclass(frozen=True)
+class TerminalResize(Event):
+    """The client's window changed size (sshd's TIOCSWINSZ on the master)."""
+    rows: int = 0
+    cols: int = 0
+    type = "terminal_resize"
+
+    def detail(self):
+        return "window resized to %dx%d" % (self.cols, self.rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionAttach(Event):
+    """Audit trail of the admin's hands on a session: `action` is attach,
+    detach, input (bytes typed through attach) or kill; the admin is the
+    socket peer (SO_PEERCRED).  `username` etc. describe the watched session."""
+    action: str = ""
+    admin_uid: int = -1
+    admin_pid: int = 0
+    admin_name: str = ""
+    readonly: bool = True
+    data_len: int = 0
+    input_data: str = ""          # what was typed ("" while the pty has ECHO off)
+    detail_text: str = ""         # e.g. which pids a kill signalled, or why it failed
+    type = "session_attach"
+
+    def detail(self):
+        who = "%s (uid %d, pid %d)" % (self.admin_name or "?", self.admin_uid, self.admin_pid)
+        extra = ": %s" % self.detail_text if self.detail_text else ""
+        if self.action == "attach":
+            return "attached by %s%s%s" % (who, ", read-only" if self.readonly else "", extra)
+        if self.action == "input":
+            return "input from %s: %d bytes%s" % (who, self.data_len, extra)
+        if self.action == "kill":
+            return "killed by %s%s" % (who, extra)
+        return "%s by %s%s" % (self.action, who, extra)
 
 
 EVENT_TYPES = {cls.type: cls for cls in (
     ConnectionEstablished, ConnectionAuthFailed, ConnectionClose, CommandStart,
-    CommandFinish, FileUpload, TerminalUpdate)}
-WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES if t != "terminal_update")
+    CommandFinish, FileUpload, TerminalUpdate, TerminalInput, TerminalResize, SessionAttach)}
+WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES
+                            if t not in ("terminal_update", "terminal_input", "terminal_resize"))
 
 ###############################################################################
 # BPF wire format (ctypes) ####################################################
@@ -434,7 +498,7 @@ WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES if t != "terminal_update")
 
 REC_CONNECT, REC_EXEC, REC_EXIT, REC_SETUID, REC_PTY, REC_WINSZ, REC_AUDIT, \
     REC_TTY_OUT, REC_TTY_IN, REC_STDOUT, REC_UPLOAD_OPEN, REC_UPLOAD_CLOSE, \
-    REC_BTMP = range(1, 14)
+    REC_BTMP, REC_TTY_LOSS = range(1, 15)
 
 F_LISTENER, F_SSHD, F_USER, F_CMD, F_XFER, F_MONITOR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 FD_PTMX, FD_AUDIT, FD_BTMP, FD_UPLOAD = 1, 2, 3, 4
@@ -488,8 +552,10 @@ class RecWinsz(ctypes.Structure):
 
 
 class RecDataHead(ctypes.Structure):
-    """Fixed part of rec_data_small / rec_data_big; `h.len` bytes follow."""
-    _fields_ = [("h", RecHdr), ("fd", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    """Fixed part of rec_data_small / rec_data_big; `h.len` bytes follow.
+    `lost`: for terminal records, bytes of that session's stream (output or
+    input) lost to a full ring since its previous record."""
+    _fields_ = [("h", RecHdr), ("fd", ctypes.c_uint32), ("lost", ctypes.c_uint32)]
 
 
 class RecUploadOpen(ctypes.Structure):
@@ -524,11 +590,17 @@ Exec = collections.namedtuple("Exec", "ts pid sess ppid uid filename argv trunca
 Exit = collections.namedtuple("Exit", "ts pid sess status flags")
 Value = collections.namedtuple("Value", "type ts pid sess value fd")
 Winsz = collections.namedtuple("Winsz", "ts pid sess rows cols fd")
-Data = collections.namedtuple("Data", "type ts pid sess fd data")
+Data = collections.namedtuple("Data", "type ts pid sess fd data lost", defaults=(0,))
 UploadOpen = collections.namedtuple("UploadOpen", "ts pid sess fd flags mode path")
 UploadClose = collections.namedtuple("UploadClose", "ts pid sess fd bytes")
 
 _DATA_HEAD = ctypes.sizeof(RecDataHead)
+_TS = struct.Struct("<Q")
+
+
+def _record_ts(raw):
+    """rec_hdr.ts of a raw record (0 for one too short to have it)."""
+    return _TS.unpack_from(raw, 16)[0] if len(raw) >= 24 else 0
 
 
 def _ip_text(family, raw):
@@ -557,7 +629,8 @@ def decode_record(raw, rec_exec=RecExec):
         d = _need(raw, RecDataHead)
         if _DATA_HEAD + h.len > len(raw):
             raise ValueError("data record longer than its buffer")
-        return Data(t, h.ts, h.pid, h.sess, d.fd, bytes(raw[_DATA_HEAD:_DATA_HEAD + h.len]))
+        return Data(t, h.ts, h.pid, h.sess, d.fd, bytes(raw[_DATA_HEAD:_DATA_HEAD + h.len]),
+                    d.lost)
     if t == REC_EXEC:
         r = _need(raw, rec_exec)
         off = rec_exec.argv.offset
@@ -574,7 +647,7 @@ def decode_record(raw, rec_exec=RecExec):
     if t == REC_EXIT:
         r = _need(raw, RecExit)
         return Exit(h.ts, h.pid, h.sess, r.status, r.flags)
-    if t in (REC_SETUID, REC_PTY):
+    if t in (REC_SETUID, REC_PTY, REC_TTY_LOSS):
         r = _need(raw, RecU32)
         return Value(t, h.ts, h.pid, h.sess, r.value, r.fd)
     if t == REC_WINSZ:
@@ -734,9 +807,14 @@ class Probes:
         return 0
 
     def drain(self):
-        """All records submitted so far, in arrival order."""
+        """All records submitted so far, in time order.  bcc consumes the
+        rings one after the other (all of `ctl`, then all of `tty`), so a
+        session's last output would otherwise follow its close; each ring is
+        ordered already, and a stable sort on rec_hdr.ts merges the two."""
         self.bpf.ring_buffer_consume()
         out, self.raw = self.raw, []
+        if len(out) > 1:
+            out.sort(key=_record_ts)
         return out
 
     def drops(self):
@@ -794,6 +872,10 @@ class Session:
     auth_method: str = ""
     invalid_pending: bool = False # sshd named an unknown user; no attempt reported yet
     tty_bytes: int = 0            # terminal output captured
+    tty_in_bytes: int = 0         # keystrokes captured (input capture on)
+    tty_lost: int = 0             # terminal bytes lost in BPF (ring full)
+    tty_pid: int = 0              # the sshd reading the pty master, and its fd
+    tty_fd: int = -1
     commands: dict = dataclasses.field(default_factory=dict)
     uploads: dict = dataclasses.field(default_factory=dict)
 
@@ -880,6 +962,7 @@ class Tracker:
         self.ticks = os.sysconf("SC_CLK_TCK")
         self.lock = threading.Lock()
         self.live = {}                    # ptm_pid -> Session
+        self.tty_lost_bytes = 0           # terminal bytes BPF could not deliver
         self.roots = {}                   # listener pid -> root dir
 
     # -- identity helpers --
@@ -934,9 +1017,15 @@ class Tracker:
         if kind is Value:
             if rec.type == REC_PTY and s.tty < 0:
                 s.tty = rec.value
+            elif rec.type == REC_TTY_LOSS:
+                return self._tty_loss(s, rec)
             return []
         if kind is Winsz:
+            changed = (rec.rows, rec.cols) != (s.rows, s.cols)
             s.rows, s.cols = rec.rows, rec.cols
+            if changed and s.established and rec.rows and rec.cols:
+                return [TerminalResize(rows=rec.rows, cols=rec.cols,
+                                       **self._base(s, self.clock.wall(rec.ts)))]
             return []
         if kind is UploadOpen:
             if not rec.path.startswith("/dev/"):
@@ -984,7 +1073,7 @@ class Tracker:
         s.username = s.auth_acct if acct_ok else passwd_name(uid, s.root)
         s.established = True
         s.last_activity = ts
-        return ConnectionEstablished(**self._base(s, ts))
+        return ConnectionEstablished(rows=s.rows, cols=s.cols, **self._base(s, ts))
 
     def _exec(self, rec):
         s = self.live.get(rec.sess)
@@ -1039,9 +1128,25 @@ class Tracker:
         if rec.type == REC_TTY_OUT:
             ts = self.clock.wall(rec.ts)
             s.last_activity = ts
+            s.tty_pid, s.tty_fd = rec.pid, rec.fd
+            offset = s.tty_bytes
             s.tty_bytes += len(rec.data)
+            if rec.lost:
+                s.tty_lost += rec.lost
+                self.tty_lost_bytes += rec.lost
             return [TerminalUpdate(terminal_data=decode_bytes(rec.data), data_len=len(rec.data),
-                                   raw=rec.data, **self._base(s, ts))]
+                                   raw=rec.data, offset=offset, lost_bytes=rec.lost,
+                                   **self._base(s, ts))]
+        if rec.type == REC_TTY_IN:
+            ts = self.clock.wall(rec.ts)
+            offset = s.tty_in_bytes
+            s.tty_in_bytes += len(rec.data)
+            if rec.lost:
+                s.tty_lost += rec.lost
+                self.tty_lost_bytes += rec.lost
+            return [TerminalInput(terminal_data=decode_bytes(rec.data), data_len=len(rec.data),
+                                  raw=rec.data, offset=offset, lost_bytes=rec.lost,
+                                  **self._base(s, ts))]
         if rec.type == REC_STDOUT:
             cmd = s.commands.get(rec.pid)
             if cmd is not None:
@@ -1056,6 +1161,15 @@ class Tracker:
             if user:
                 s.auth_acct = decode_bytes(user)
         return []
+
+    def _tty_loss(self, s, rec):
+        """Terminal bytes lost after the last record of a stream, reported
+        as the connection ends: an empty update that carries the count."""
+        s.tty_lost += rec.value
+        self.tty_lost_bytes += rec.value
+        cls, offset = (TerminalInput, s.tty_in_bytes) if rec.fd == 1 else \
+            (TerminalUpdate, s.tty_bytes)
+        return [cls(offset=offset, lost_bytes=rec.value, **self._base(s, self.clock.wall(rec.ts)))]
 
     def _audit(self, s, rec):
         """sshd's NETLINK_AUDIT messages: the one channel that reports every
@@ -1281,16 +1395,12 @@ class Config:
 def embedded_config_files(subdir="conf.d"):
     """(name, bytes) of the configuration shipped inside the zipapp (or
     beside sshlog.py when run from a checkout)."""
-    archive = os.path.dirname(HERE) if not os.path.isdir(HERE) else None
-    base = HERE
-    while archive and not os.path.isfile(archive):
-        archive = os.path.dirname(archive)
-    if archive:
+    if os.path.isfile(HERE):          # HERE is the zipapp itself
         import zipfile
-        with zipfile.ZipFile(archive) as z:
+        with zipfile.ZipFile(HERE) as z:
             return sorted((os.path.basename(n), z.read(n)) for n in z.namelist()
                           if n.startswith(subdir + "/") and n.endswith((".yaml", ".yml")))
-    folder = os.path.join(base, subdir)
+    folder = os.path.join(HERE, subdir)
     return [(n, open(os.path.join(folder, n), "rb").read())
             for n in sorted(os.listdir(folder)) if n.endswith((".yaml", ".yml"))]
 
@@ -1368,6 +1478,11 @@ def parse_config(sources):
             return None
         params = {k: v for k, v in entry.items() if k not in ("action", "plugin")}
         errs = validate_params(ACTIONS[plugin].PARAMS, params)
+        if not errs:                # rules across parameters, once each one is right
+            try:
+                errs = list(ACTIONS[plugin].check(dict(params)))
+            except Exception as e:  # a plugin's check() must not take the daemon down
+                errs = ["plugin: %s.check() raised %s: %s" % (plugin, type(e).__name__, e)]
         problems.extend("%s: %s.%s" % (path, keypath, e) for e in errs)
         if name in actions:
             problems.append("%s: %s.action: duplicate action name %r (also defined in %s)"
@@ -1434,6 +1549,9 @@ def parse_config(sources):
                     flt = make_filter(fname, arg)
                 except ValueError as e:
                     problems.append("%s: %s: %s" % (path, fkp, e))
+                    continue
+                except Exception as e:  # a plugin's filter rejecting its value its own way
+                    problems.append("%s: %s: %s: %s" % (path, fkp, type(e).__name__, e))
                     continue
                 if triggers and not (flt.triggers & triggers):
                     problems.append("%s: %s: filter applies to %s, none of this event's triggers"
@@ -1694,28 +1812,78 @@ def register_action(name, help=""):
     return wrap
 
 
+class DeliveryError(Exception):
+    """One delivery attempt failed.  `retry`: whether trying again may help;
+    `delay`: seconds the receiver asked us to wait (Retry-After); `logged`:
+    the action has already said what happened."""
+
+    def __init__(self, message, retry=True, delay=None, logged=False):
+        super().__init__(message)
+        self.retry, self.delay, self.logged = retry, delay, logged
+
+
+MAX_RETRY_DELAY = 60.0            # cap on backoff and on a receiver's Retry-After
+
+
 class Action:
+    """Base of every action.  A subclass declares PARAMS (Param tuple), may
+    add `check(params)` for rules across parameters, and implements
+    handle(event), which runs in the action's own worker thread."""
+
     PARAMS = ()
     plugin = help = ""
 
     def __init__(self, name, params):
         self.name = name
         self.params = params
+        self.abandon = threading.Event()  # set by the runner when it gives up at shutdown
+        self.retried = 0
+
+    @classmethod
+    def check(cls, params):
+        """Problems (`key: what is wrong`) the types alone do not catch;
+        `params` already hold their normalised values and defaults."""
+        return []
 
     def handle(self, event):
         raise NotImplementedError
+
+    def deliver(self, attempt, retries, backoff=0.5):
+        """Call attempt() until it succeeds: after a retryable DeliveryError
+        or OSError wait (0.5 s, 1 s, 2 s ..., or the receiver's Retry-After,
+        at most MAX_RETRY_DELAY) and try again, `retries` times at most."""
+        for n in range(retries + 1):
+            try:
+                return attempt()
+            except (DeliveryError, OSError) as e:
+                if not getattr(e, "retry", True) or n == retries or self.abandon.is_set():
+                    raise
+                delay = getattr(e, "delay", None)
+                delay = min(backoff * 2 ** n if delay is None else delay, MAX_RETRY_DELAY)
+                self.retried += 1
+                if self.abandon.wait(delay):
+                    raise
 
     def close(self):
         pass
 
 
 class ActionRunner:
+    """One action's bounded queue and worker thread.  `dropped`: events that
+    found the queue full (or were abandoned at shutdown); `failed`: events
+    whose delivery failed for good (after the action's retries)."""
+
     QUEUE_SIZE = 10000
+    LOG_EVERY = 10.0              # seconds between two failure reports of one action
 
     def __init__(self, action):
         self.action = action
         self.queue = queue.Queue(self.QUEUE_SIZE)
         self.delivered = self.dropped = self.failed = 0
+        self.abandon = getattr(action, "abandon", None) or threading.Event()
+        action.abandon = self.abandon
+        self._logged_at, self._logged_failures = None, 0
+        self._marker = False          # the end marker is in the queue
         self.thread = threading.Thread(target=self._work, name="action-" + action.name,
                                        daemon=True)
         self.thread.start()
@@ -1727,11 +1895,18 @@ class ActionRunner:
             self.dropped += 1
 
     def _work(self):
-        alog = logging.getLogger("sshlog.action")
         while True:
-            event = self.queue.get()
+            try:
+                event = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                if self.abandon.is_set():
+                    break
+                continue
             if event is None:
                 break
+            if self.abandon.is_set():
+                self.dropped += 1
+                continue
             try:
                 self.action.handle(event)
                 self.delivered += 1
@@ -1739,22 +1914,49 @@ class ActionRunner:
                 raise
             except Exception as e:
                 self.failed += 1
-                if self.failed in (1, 10, 100) or self.failed % 1000 == 0:
-                    alog.error("action %s failed (%d times): %s", self.action.name,
-                               self.failed, e)
+                self._report(e)
+
+    def _report(self, error):
+        """Log a failure, at most once every LOG_EVERY seconds per action."""
+        if getattr(error, "logged", False):
+            return
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.LOG_EVERY:
+            return
+        more = self.failed - self._logged_failures - 1
+        self._logged_at, self._logged_failures = now, self.failed
+        logging.getLogger("sshlog.action").error(
+            "action %s (%s): event lost: %s%s", self.action.name, self.action.plugin,
+            error or type(error).__name__,
+            " (and %d more since the last report)" % more if more > 0 else "")
+
+    def begin_stop(self):
+        """Queue the end marker; if even that does not fit, give up the backlog."""
+        try:
+            self.queue.put_nowait(None)
+            self._marker = True
+        except queue.Full:
+            self.abandon.set()
+
+    def finish_stop(self, deadline):
+        """Wait for the worker until `deadline` (time.monotonic()); then make
+        it give up (what is left is counted as dropped) and close the action."""
+        self.thread.join(max(0.0, deadline - time.monotonic()))
+        if self.thread.is_alive():
+            self.abandon.set()
+            self.thread.join(1.0)
+        self.action.close()
 
     def stop(self, timeout=5.0):
         """Deliver what is queued (bounded by `timeout`), then close."""
-        try:
-            self.queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
-        self.thread.join(timeout)
-        self.action.close()
+        self.begin_stop()
+        self.finish_stop(time.monotonic() + timeout)
 
     def stats(self):
-        return {"plugin": self.action.plugin, "queued": self.queue.qsize(),
-                "delivered": self.delivered, "dropped": self.dropped, "failed": self.failed}
+        queued = self.queue.qsize() - (1 if self._marker and self.thread.is_alive() else 0)
+        return {"plugin": self.action.plugin, "queued": max(0, queued),
+                "delivered": self.delivered, "dropped": self.dropped, "failed": self.failed,
+                "retried": getattr(self.action, "retried", 0)}
 
 
 def event_line(event, as_json):
@@ -1791,6 +1993,952 @@ class EventLogFile(Action):
         self.handler.close()
 
 
+# -- shared by the actions below: templates, retries, transports --
+
+_TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+
+def field_text(value):
+    """An event field as template or environment text: strings as they are,
+    null as empty, booleans as true/false, lists and mappings as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def render(template, fields, value=field_text):
+    """Replace each `{{field}}` with the event's value; unknown names stay as
+    written.  The result is plain text: nothing in it is ever interpreted."""
+    return _TEMPLATE.sub(lambda m: value(fields[m.group(1)]) if m.group(1) in fields
+                         else m.group(0), template)
+
+
+def one_line(text):
+    """Safe in a mail or HTTP header: CR, LF and other control characters
+    become spaces, so a value can never start a new header."""
+    return re.sub(r"[\x00-\x1f\x7f]", " ", text)
+
+
+def redact_url(url):
+    """scheme://host[:port]/... only: webhook paths and queries are secrets."""
+    import urllib.parse
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = ":%d" % parts.port if parts.port else ""
+    except ValueError:
+        return "<url>"
+    host = "[%s]" % host if ":" in host else host
+    return "%s://%s%s/..." % (parts.scheme, host, port)
+
+
+def tls_context(ca_file=None, verify=True, cert_file=None, key_file=None):
+    import ssl
+    ctx = ssl.create_default_context(cafile=ca_file)
+    if not verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
+def parse_retry_after(value, now=None):
+    """Seconds from a Retry-After header (a number or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    import email.utils
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def http_request(url, body=None, headers=None, method="POST", timeout=10.0, context=None):
+    """One HTTP(S) request with a timeout; returns the status.  A 408, 429 or
+    5xx answer and network errors raise a retryable DeliveryError (with the
+    receiver's Retry-After), other 4xx a final one."""
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    where = redact_url(url)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            resp.read(65536)
+            return resp.status
+    except urllib.error.HTTPError as e:
+        status, delay = e.code, parse_retry_after(e.headers.get("Retry-After") if e.headers
+                                                  else None)
+        e.close()
+        raise DeliveryError("HTTP %d from %s" % (status, where),
+                            retry=status in (408, 429) or status >= 500, delay=delay)
+    except urllib.error.URLError as e:
+        raise DeliveryError("%s: %s" % (where, e.reason))
+    except OSError as e:                # timeouts, resets while reading the answer
+        raise DeliveryError("%s: %s" % (where, e))
+
+
+class DatagramSender:
+    """A UDP client for one host:port; the name is resolved once and again
+    after an error."""
+
+    def __init__(self, host, port):
+        self.host, self.port = host, port
+        self.sock = self.addr = None
+
+    def send(self, data):
+        if self.sock is None:
+            family, _, _, _, self.addr = socket.getaddrinfo(self.host, self.port,
+                                                            type=socket.SOCK_DGRAM)[0]
+            self.sock = socket.socket(family, socket.SOCK_DGRAM)
+            self.sock.settimeout(1.0)
+        try:
+            self.sock.sendto(data[:65000], self.addr)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self):
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = None
+
+
+class StreamSender:
+    """A TCP or TLS client that keeps its connection between messages and
+    reconnects when the server has gone (checked before each send)."""
+
+    def __init__(self, host, port, timeout, context=None):
+        self.host, self.port, self.timeout, self.context = host, port, timeout, context
+        self.sock = None
+
+    def _peer_closed(self):
+        """A syslog server never talks back: anything readable means it has
+        closed (b"") or reset the connection.  TLS records that carry no data
+        (session tickets) are read and ignored."""
+        import ssl
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            if not readable:
+                return False
+            self.sock.setblocking(False)
+            try:
+                return not self.sock.recv(1024)      # b"" = orderly close
+            except (BlockingIOError, ssl.SSLWantReadError):
+                return False
+            finally:
+                self.sock.settimeout(self.timeout)
+        except (OSError, ValueError):
+            return True
+
+    def send(self, data):
+        if self.sock is not None and self._peer_closed():
+            self.close()
+        if self.sock is None:
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            try:
+                if self.context is not None:
+                    sock = self.context.wrap_socket(sock, server_hostname=self.host)
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            self.close()
+            raise
+
+    def close(self):
+        if self.sock is not None:
+            try:
+                if self.context is not None:
+                    self.sock.settimeout(1.0)
+                    self.sock = self.sock.unwrap()      # close_notify, as TLS wants
+            except (OSError, ValueError):
+                pass
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+        self.sock = None
+
+
+def event_summary(event):
+    """One sentence a person reads in a chat message or a mail subject."""
+    user = event.username or "?"
+    host = event.hostname
+    if event.type == "connection_established":
+        where = "on pts/%d" % event.tty_id if event.tty_id >= 0 else "without a terminal"
+        text = "%s logged in to %s from %s, %s" % (user, host, event.peer(), where)
+    elif event.type == "connection_auth_failed":
+        how = " (%s)" % event.auth_method if getattr(event, "auth_method", "") else ""
+        text = "failed login to %s as %s from %s%s" % (host, user, event.peer(), how)
+    elif event.type == "connection_close":
+        text = "%s logged out of %s (from %s) after %ds" % (
+            user, host, event.peer(), getattr(event, "duration_ms", 0) // 1000)
+    elif event.type == "command_start":
+        text = "%s ran on %s: %s" % (user, host, event.args)
+    elif event.type == "command_finish":
+        how = "killed by %s" % event.signal if event.signal else "exit code %d" % event.exit_code
+        text = "%s's command on %s ended (%s): %s" % (user, host, how, event.args)
+    elif event.type == "file_upload":
+        text = "%s uploaded %s to %s (%d bytes)" % (user, event.target_path, host, event.bytes)
+    else:
+        text = "%s on %s" % (event.text(), host)
+    return printable(text)
+
+
+def _positive(params, *names):
+    return ["%s: must be greater than 0" % n for n in names
+            if params.get(n) is not None and params[n] <= 0]
+
+
+def _not_negative(params, *names):
+    return ["%s: must not be negative" % n for n in names
+            if params.get(n) is not None and params[n] < 0]
+
+
+def _one_of(params, name, choices):
+    value = params.get(name)
+    if value is not None and value not in choices:
+        return ["%s: %r is not one of %s%s" % (name, value, ", ".join(choices),
+                                              did_you_mean(value, choices))]
+    return []
+
+
+_RETRY_PARAMS = (Param("timeout", "number", 10, "seconds allowed for each attempt"),
+                 Param("retries", "int", 3, "attempts after the first failure, with backoff "
+                       "0.5 s, 1 s, 2 s ... (a receiver's Retry-After is honoured)"))
+_TLS_PARAMS = (Param("tls_ca_file", "str", None, "CA certificates (PEM) to verify the server "
+                     "with instead of the system's"),
+               Param("tls_verify", "bool", True, "verify the server's certificate and name"))
+
+
+@register_action("syslog_action", "send each event to a syslog server as RFC 5424 "
+                 "(UDP; TCP or TLS with octet counting, RFC 6587/5425)")
+class Syslog(Action):
+    PARAMS = (Param("server_address", "str", help="syslog server's name or address"),
+              Param("port", "int", 514, "server port (6514 is usual for TLS)"),
+              Param("udp", "bool", True, "false: TCP (kept from the original; see transport)"),
+              Param("transport", "str", None, "udp, tcp or tls; unset: udp, or tcp when "
+                    "udp is false"),
+              Param("output_json", "bool", False, "message body: the event as JSON instead of "
+                    "the text form"),
+              Param("program_name", "str", "sshlog", "APP-NAME field"),
+              Param("facility", "str", "daemon", "name (auth, authpriv, daemon, local0 ...) "
+                    "or number 0-23"),
+              Param("severity", "str", "info", "name (emerg ... debug) or number 0-7"),
+              Param("hostname", "str", None, "HOSTNAME field; unset: the event's host name"),
+              Param("timeout", "number", 5, "seconds allowed to connect and to send"),
+              Param("retries", "int", 2, "attempts after a failed send (reconnecting)"),
+              ) + _TLS_PARAMS + (
+              Param("tls_cert_file", "str", None, "client certificate (PEM) for mutual TLS"),
+              Param("tls_key_file", "str", None, "its private key"))
+
+    @staticmethod
+    def code(names, value, top):
+        value = str(value).strip().lower()
+        if value.isdigit() and int(value) <= top:
+            return int(value)
+        return names.get(value)
+
+    @classmethod
+    def check(cls, params):
+        problems = _positive(params, "timeout") + _not_negative(params, "retries")
+        problems += _one_of(params, "transport", ("udp", "tcp", "tls"))
+        handler = logging.handlers.SysLogHandler
+        if cls.code(handler.facility_names, params["facility"], 23) is None:
+            problems.append("facility: unknown facility %r%s" % (
+                params["facility"], did_you_mean(params["facility"], handler.facility_names)))
+        if cls.code(handler.priority_names, params["severity"], 7) is None:
+            problems.append("severity: unknown severity %r%s" % (
+                params["severity"], did_you_mean(params["severity"], handler.priority_names)))
+        if params["tls_key_file"] and not params["tls_cert_file"]:
+            problems.append("tls_key_file: needs tls_cert_file")
+        return problems
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        handler = logging.handlers.SysLogHandler
+        self.pri = (self.code(handler.facility_names, params["facility"], 23) * 8 +
+                    self.code(handler.priority_names, params["severity"], 7))
+        self.transport = params["transport"] or ("udp" if params["udp"] else "tcp")
+        host, port = params["server_address"], params["port"]
+        if self.transport == "udp":
+            self.sender = DatagramSender(host, port)
+        else:
+            context = tls_context(params["tls_ca_file"], params["tls_verify"],
+                                  params["tls_cert_file"], params["tls_key_file"]) \
+                if self.transport == "tls" else None
+            self.sender = StreamSender(host, port, params["timeout"], context)
+
+    @staticmethod
+    def token(text, size):
+        """A header field: printable US-ASCII without spaces, or `-`."""
+        text = re.sub(r"[^\x21-\x7e]", "_", text or "")[:size]
+        return text or "-"
+
+    def message(self, event):
+        p = self.params
+        body = json.dumps(event.to_dict(), ensure_ascii=False) if p["output_json"] \
+            else event.text()
+        return "<%d>1 %s %s %s %d %s - %s" % (
+            self.pri, rfc3339(event.timestamp), self.token(p["hostname"] or event.hostname, 255),
+            self.token(p["program_name"], 48), event.ptm_pid, self.token(event.type, 32), body)
+
+    def handle(self, event):
+        data = self.message(event).encode("utf-8")
+        if self.transport != "udp":
+            data = b"%d %s" % (len(data), data)         # octet counting
+        self.deliver(lambda: self.sender.send(data), self.params["retries"])
+
+    def close(self):
+        self.sender.close()
+
+
+STATSD_TAG_FIELDS = ("client_ip", "server_ip", "server_port", "tty_id", "command", "filename",
+                     "exit_code", "signal", "auth_method", "reason", "ptm_pid", "session_id",
+                     "target_path", "user_id")
+
+
+@register_action("statsd_action", "count events in statsd: <prefix>.<event_type>, tagged "
+                 "with host and user (DogStatsD, InfluxDB/Telegraf or no tags)")
+class Statsd(Action):
+    PARAMS = (Param("server_address", "str", help="statsd server's name or address"),
+              Param("port", "int", 8125, "server UDP port"),
+              Param("statsd_prefix", "str", "sshlog", "metric name prefix"),
+              Param("tags", "str", "dogstatsd", "tag style: dogstatsd (`|#host:h,user:u`), "
+                    "influx (`name,host=h,user=u`) or none (plain statsd)"),
+              Param("extra_tags", "strlist", [], "more tags, from: " +
+                    ", ".join(STATSD_TAG_FIELDS) + " (may have many values)"))
+
+    @classmethod
+    def check(cls, params):
+        problems = _one_of(params, "tags", ("dogstatsd", "influx", "none", "plain"))
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*", params["statsd_prefix"]):
+            problems.append("statsd_prefix: use letters, digits, '_', '-' and '.' only")
+        for tag in params["extra_tags"]:
+            if tag not in STATSD_TAG_FIELDS:
+                problems.append("extra_tags: unknown tag %r%s" % (
+                    tag, did_you_mean(tag, STATSD_TAG_FIELDS)))
+        return problems
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self.sender = DatagramSender(params["server_address"], params["port"])
+
+    @staticmethod
+    def clean(text):
+        return re.sub(r"[^A-Za-z0-9_.\-/@]", "_", str(text))[:200] or "_"
+
+    def tags(self, event):
+        """Low-cardinality tags: host, user, and the outcome of a command or
+        the method of a failed login; `extra_tags` adds chosen fields."""
+        tags = [("host", event.hostname), ("user", event.username or "-")]
+        if event.type == "command_finish":
+            tags.append(("outcome", "signal" if event.signal else
+                         "success" if event.exit_code == 0 else "failure"))
+        elif event.type == "connection_auth_failed":
+            tags.append(("method", event.auth_method or "unknown"))
+        fields = event.to_dict()
+        for name in self.params["extra_tags"]:
+            if name == "command":
+                value = os.path.basename(getattr(event, "filename", "") or "") or None
+            else:
+                value = fields.get(name)
+            if value is not None and value != "":
+                tags.append((name, value))
+        return [(k, self.clean(v)) for k, v in tags]
+
+    def line(self, event):
+        name = "%s.%s" % (self.params["statsd_prefix"], event.type)
+        style = self.params["tags"]
+        if style == "dogstatsd":
+            return "%s:1|c|#%s" % (name, ",".join("%s:%s" % kv for kv in self.tags(event)))
+        if style == "influx":
+            return "%s,%s:1|c" % (name, ",".join("%s=%s" % kv for kv in self.tags(event)))
+        return "%s:1|c" % name
+
+    def handle(self, event):
+        self.sender.send(self.line(event).encode("ascii"))
+
+    def close(self):
+        self.sender.close()
+
+
+def slack_escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+@register_action("slack_action", "post a message for each event to a Slack incoming webhook")
+class Slack(Action):
+    PARAMS = (Param("slack_webhook_url", "str", help="https://hooks.slack.com/services/..."),
+              Param("text", "str", None, "message template with {{field}}s; unset: a sentence "
+                    "describing the event"),
+              ) + _RETRY_PARAMS
+
+    @classmethod
+    def check(cls, params):
+        problems = _positive(params, "timeout") + _not_negative(params, "retries")
+        if not re.match(r"https?://", params["slack_webhook_url"]):
+            problems.append("slack_webhook_url: must be an http:// or https:// URL")
+        return problems
+
+    def message(self, event):
+        if self.params["text"] is None:
+            return slack_escape(event_summary(event))
+        return render(self.params["text"], event.to_dict(),
+                      lambda v: slack_escape(printable(field_text(v))))
+
+    def handle(self, event):
+        body = json.dumps({"text": self.message(event)}).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "sshlog/" + __version__}
+        self.deliver(lambda: http_request(self.params["slack_webhook_url"], body, headers,
+                                          timeout=self.params["timeout"]),
+                     self.params["retries"])
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@register_action("webhook_action", "send each event to a URL: JSON POST (default) or GET "
+                 "with the fields as query parameters; optional HMAC-SHA256 signature")
+class Webhook(Action):
+    PARAMS = (Param("webhook_url", "str", help="http:// or https:// URL"),
+              Param("do_get_request", "bool", False, "GET with the fields in the query string "
+                    "instead of a JSON POST"),
+              Param("hmac_secret", "str", None, "when set, sign the body (GET: the query "
+                    "string) with HMAC-SHA256"),
+              Param("hmac_header", "str", "X-Sshlog-Signature", "header carrying "
+                    "`sha256=<hex digest>`"),
+              Param("headers", "any", {}, "extra headers (a mapping of name: value)"),
+              ) + _RETRY_PARAMS + _TLS_PARAMS
+
+    @classmethod
+    def check(cls, params):
+        problems = _positive(params, "timeout") + _not_negative(params, "retries")
+        if not re.match(r"https?://", params["webhook_url"]):
+            problems.append("webhook_url: must be an http:// or https:// URL")
+        headers = params["headers"]
+        if not isinstance(headers, dict):
+            problems.append("headers: expected a mapping of header name: value")
+        else:
+            for k, v in headers.items():
+                if not isinstance(k, str) or not _HEADER_NAME.fullmatch(k):
+                    problems.append("headers.%s: not a valid header name" % (k,))
+                elif not isinstance(v, (str, int, float)) or isinstance(v, bool):
+                    problems.append("headers.%s: expected a string" % k)
+                elif re.search(r"[\r\n\x00]", str(v)):
+                    problems.append("headers.%s: a header value cannot hold a line break" % k)
+        if not _HEADER_NAME.fullmatch(params["hmac_header"]):
+            problems.append("hmac_header: not a valid header name")
+        return problems
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self.context = tls_context(params["tls_ca_file"], params["tls_verify"]) \
+            if params["webhook_url"].startswith("https:") else None
+
+    def request(self, event):
+        """(url, body or None, headers) for an event."""
+        import hmac
+        import urllib.parse
+        p = self.params
+        fields = event.to_dict()
+        headers = {"User-Agent": "sshlog/" + __version__, "X-Sshlog-Event": event.type}
+        headers.update((k, one_line(str(v))) for k, v in p["headers"].items())
+        url, body = p["webhook_url"], None
+        if p["do_get_request"]:
+            query = urllib.parse.urlencode([(k, field_text(v)) for k, v in fields.items()])
+            url += ("&" if "?" in url else "?") + query
+            signed = query.encode()
+        else:
+            body = signed = json.dumps(fields, ensure_ascii=False).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if p["hmac_secret"]:
+            digest = hmac.new(p["hmac_secret"].encode(), signed, hashlib.sha256).hexdigest()
+            headers[p["hmac_header"]] = "sha256=" + digest
+        return url, body, headers
+
+    def handle(self, event):
+        url, body, headers = self.request(event)
+        method = "GET" if self.params["do_get_request"] else "POST"
+        self.deliver(lambda: http_request(url, body, headers, method, self.params["timeout"],
+                                          self.context), self.params["retries"])
+
+
+DEFAULT_MAIL_SUBJECT = "sshlog: {{event_type}} {{username}} on {{hostname}}"
+
+
+@register_action("email_action", "send an e-mail for each event (SMTP with STARTTLS, implicit "
+                 "TLS or plain; optional login)")
+class Email(Action):
+    PARAMS = (Param("sender", "str", help="From address"),
+              Param("recipient", "str_or_list", help="To address(es)"),
+              Param("subject", "str", DEFAULT_MAIL_SUBJECT, "subject template ({{field}}s)"),
+              Param("body", "str", "", "body template; empty: a sentence and the event as JSON"),
+              Param("smtp_server", "str", "localhost", "SMTP server"),
+              Param("smtp_port", "int", None, "unset: 587 for starttls, 465 for tls, 25 for "
+                    "none"),
+              Param("security", "str", "starttls", "starttls, tls (implicit, SMTPS) or none"),
+              Param("username", "str", None, "log in with this user (with password)"),
+              Param("password", "str", None, "password for username"),
+              ) + _RETRY_PARAMS + _TLS_PARAMS
+    PORTS = {"starttls": 587, "tls": 465, "none": 25}
+
+    @classmethod
+    def check(cls, params):
+        problems = _positive(params, "timeout") + _not_negative(params, "retries")
+        problems += _one_of(params, "security", tuple(cls.PORTS))
+        for key, value in [("sender", params["sender"])] + [
+                ("recipient", r) for r in cls.recipients(params)]:
+            if not value or re.search(r"[\x00-\x1f\x7f,]", value):
+                problems.append("%s: %r is not an address" % (key, value))
+        if bool(params["username"]) != bool(params["password"]):
+            problems.append("username: username and password go together")
+        return problems
+
+    @staticmethod
+    def recipients(params):
+        """A list, or a string with addresses separated by commas."""
+        value = params["recipient"]
+        if isinstance(value, list):
+            return value
+        return [a.strip() for a in value.split(",")] if "," in value else [value]
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        self.port = params["smtp_port"] or self.PORTS[params["security"]]
+        self.context = tls_context(params["tls_ca_file"], params["tls_verify"]) \
+            if params["security"] != "none" else None
+
+    def message(self, event):
+        from email.message import EmailMessage
+        import email.utils
+        p = self.params
+        fields = event.to_dict()
+        msg = EmailMessage()
+        msg["From"] = p["sender"]
+        rcpt = self.recipients(p)
+        msg["To"] = ", ".join(rcpt)
+        msg["Subject"] = one_line(render(p["subject"], fields))[:900]
+        msg["Date"] = email.utils.formatdate(event.timestamp, localtime=False)
+        msg["Message-ID"] = email.utils.make_msgid("sshlog")
+        body = render(p["body"], fields) if p["body"] else "%s\n\n%s\n" % (
+            event_summary(event), json.dumps(fields, indent=2, ensure_ascii=False))
+        msg.set_content(body)
+        return msg, rcpt
+
+    def send(self, msg, rcpt):
+        import smtplib
+        p = self.params
+        try:
+            if p["security"] == "tls":
+                smtp = smtplib.SMTP_SSL(p["smtp_server"], self.port, timeout=p["timeout"],
+                                        context=self.context)
+            else:
+                smtp = smtplib.SMTP(p["smtp_server"], self.port, timeout=p["timeout"])
+            with smtp:
+                smtp.ehlo()
+                if p["security"] == "starttls":
+                    smtp.starttls(context=self.context)
+                    smtp.ehlo()
+                if p["username"]:
+                    smtp.login(p["username"], p["password"])
+                smtp.send_message(msg, p["sender"], rcpt)
+        except smtplib.SMTPNotSupportedError as e:
+            raise DeliveryError("%s:%d: %s" % (p["smtp_server"], self.port, e), retry=False)
+        except smtplib.SMTPRecipientsRefused as e:
+            raise DeliveryError("recipients refused: %s" % ", ".join(e.recipients), retry=False)
+        except smtplib.SMTPResponseException as e:
+            raise DeliveryError("%s:%d answered %d %s" % (
+                p["smtp_server"], self.port, e.smtp_code,
+                e.smtp_error.decode(errors="replace") if isinstance(e.smtp_error, bytes)
+                else e.smtp_error), retry=not 500 <= e.smtp_code < 600)
+
+    def handle(self, event):
+        msg, rcpt = self.message(event)
+        self.deliver(lambda: self.send(msg, rcpt), self.params["retries"])
+
+
+SHELLS = frozenset(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "yash", "posh", "fish",
+                    "csh", "tcsh", "busybox"))
+_CODE_INTERPRETER = re.compile(r"(python|perl|ruby|node|nodejs|php|lua|tclsh|pwsh)[0-9.]*$")
+_CODE_FLAGS = frozenset(("-c", "-e", "-E", "-r", "--eval", "-Command"))
+
+
+def script_positions(argv):
+    """Indexes of the argv elements a shell runs as code: the one after a
+    `-c` option cluster (`-c`, `-ec`, `-lc` ...) that follows a shell."""
+    positions, in_shell = set(), False
+    for i, arg in enumerate(argv):
+        if os.path.basename(arg) in SHELLS:
+            in_shell = True
+        elif in_shell and re.fullmatch(r"-[a-zA-Z]*c[a-zA-Z]*", arg) and i + 1 < len(argv):
+            positions.add(i + 1)
+            in_shell = False
+    return positions
+
+
+def shell_template(script, fields):
+    """A shell script with each {{field}} replaced by a reference to its
+    SSHLOG_ variable, written for the quoting it appears in: unquoted
+    `"$V"`, inside "..." `""$V""`, inside '...' `'"$V"'`.  The value itself
+    never enters the script, so the shell cannot parse it as code; a wrong
+    guess about the quoting could only change word splitting."""
+    out, quote, i = [], None, 0
+    while i < len(script):
+        m = _TEMPLATE.match(script, i)
+        if m and m.group(1) in fields:
+            ref = '"$%s"' % environment_name(m.group(1))
+            out.append({None: ref, '"': '"%s"' % ref, "'": "'%s'" % ref}[quote])
+            i = m.end()
+            continue
+        c = script[i]
+        if c == "\\" and quote != "'":
+            out.append(script[i:i + 2])
+            i += 2
+            continue
+        if c in "'\"" and quote in (None, c):
+            quote = None if quote else c
+        out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def environment_name(field):
+    return "SSHLOG_" + re.sub(r"[^A-Z0-9_]", "_", field.upper())
+
+
+def event_environment(fields):
+    """SSHLOG_<FIELD> variables for every field of an event (NUL, which an
+    environment cannot hold, shown as \\x00), plus SSHLOG_EVENT_JSON."""
+    env = {environment_name(k): field_text(v).replace("\0", "\\x00") for k, v in fields.items()}
+    env["SSHLOG_EVENT_JSON"] = json.dumps(fields, ensure_ascii=False).replace("\0", "\\u0000")
+    return env
+
+
+@register_action("run_command_action", "run a program for each event: argv as a list, no "
+                 "shell; {{field}}s inside args; fields also in SSHLOG_<FIELD> variables")
+class RunCommand(Action):
+    PARAMS = (Param("command", "str", help="program to run (absolute path or found in PATH); "
+                    "not templated"),
+              Param("args", "strlist", [], "its arguments; {{field}}s are replaced inside each "
+                    "argument; in a shell's -c script they become references to "
+                    "$SSHLOG_FIELD"),
+              Param("timeout", "number", 60, "seconds before the program (its process group) "
+                    "is killed"))
+
+    @classmethod
+    def check(cls, params):
+        problems = _positive(params, "timeout")
+        argv = [params["command"]] + params["args"]
+        for i, arg in enumerate(argv[:-1]):
+            if _CODE_INTERPRETER.match(os.path.basename(arg)) and \
+                    any(a in _CODE_FLAGS and _TEMPLATE.search(argv[j + 1])
+                        for j, a in enumerate(argv[i + 1:-1], i + 1)):
+                problems.append("args: a {{field}} inside %s code could run what a user typed; "
+                                "read the SSHLOG_<FIELD> environment variables instead"
+                                % os.path.basename(arg))
+        return problems
+
+    def argv(self, fields):
+        """The command line for an event: each {{field}} becomes the field's
+        text inside its argument, except in a shell script, where it becomes a
+        quoted reference to its environment variable, so no value is ever
+        parsed as shell code."""
+        argv = [self.params["command"]] + list(self.params["args"])
+        scripts = script_positions(argv)
+        out = [argv[0]]
+        for i, arg in enumerate(argv[1:], 1):
+            if i in scripts:
+                arg = shell_template(arg, fields)
+            else:
+                arg = render(arg, fields)
+            out.append(arg.replace("\0", "\\x00"))
+        return out
+
+    def handle(self, event):
+        import subprocess
+        import tempfile
+        fields = event.to_dict()
+        argv = self.argv(fields)
+        env = dict(os.environ)
+        env.update(event_environment(fields))
+        alog = logging.getLogger("sshlog.action")
+        with tempfile.TemporaryFile() as output:
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output,
+                                        stderr=subprocess.STDOUT, env=env, cwd="/",
+                                        close_fds=True, start_new_session=True)
+            except OSError as e:
+                raise DeliveryError("cannot run %s: %s" % (argv[0], e.strerror or e),
+                                    retry=False)
+            try:
+                status = proc.wait(self.params["timeout"])
+            except subprocess.TimeoutExpired:
+                status = None
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                proc.wait()
+            output.seek(0)
+            said = printable(decode_bytes(output.read(400)).strip())
+        if status is None:
+            how = "ran longer than %ss and was killed" % self.params["timeout"]
+        elif status < 0:
+            how = "was killed by %s" % signal_name(-status)
+        else:
+            how = "exited with status %d" % status
+        if status == 0:
+            alog.info("action %s: %s %s", self.name, argv[0], how)
+            return
+        alog.warning("action %s: %s %s%s", self.name, argv[0], how, ": " + said if said else "")
+        raise DeliveryError("%s %s" % (argv[0], how), retry=False, logged=True)
+
+
+###############################################################################
+# Plugin loader ###############################################################
+###############################################################################
+# A plugin is a Python file that imports sshlog and registers filters and
+# actions with the decorators the built-ins use (register_filter,
+# register_action), into the same registries, with the same schemas: the
+# configuration validator treats them exactly like built-ins.  It declares
+# SSHLOG_PLUGIN_API = "1.0" (same major, minor <= ours).  A plugin that fails
+# to import, declares no or another API, or registers something invalid is
+# reported in one line naming the file, its registrations are undone, and the
+# rest keeps working.
+
+PLUGIN_DIR = os.path.join(CONF_DIR, "plugins")
+PLUGIN_API = "1.0"
+PLUGIN_SOURCES = {}               # ("filter" | "action", name) -> plugin file
+
+
+def plugin_dirs(config_dir=None, extra=()):
+    """The plugins directory of the configuration in use (`<config-dir>/
+    plugins`, else PLUGIN_DIR), then each --plugin-dir."""
+    base = os.path.join(config_dir, "plugins") if config_dir else PLUGIN_DIR
+    return [base] + [d for d in (extra or ()) if d != base]
+
+
+def plugin_files(dirs):
+    files = []
+    for d in dirs:
+        if os.path.isdir(d):
+            files += [os.path.join(d, n) for n in sorted(os.listdir(d))
+                      if n.endswith(".py") and not n.startswith(("_", "."))]
+    return files
+
+
+def load_plugins(dirs):
+    """Import the plugins of `dirs` (sorted file names, directories in
+    order).  Returns (files loaded, problems); each problem is one line."""
+    # a plugin's `import sshlog` must find this module, also when it runs as
+    # __main__ (python3 sshlog.py), or it would register into a second copy
+    sys.modules.setdefault("sshlog", sys.modules[__name__])
+    loaded, problems = [], []
+    for path in plugin_files(dirs):
+        problem = load_plugin(path)
+        if problem:
+            problems.append("plugin %s skipped: %s" % (path, problem))
+        else:
+            loaded.append(path)
+    return loaded, problems
+
+
+def load_plugin(path):
+    """Import one plugin file; None when it is in, else what is wrong."""
+    import importlib.util
+    import traceback
+    saved = dict(FILTERS), dict(ACTIONS)
+    modname = "sshlog_plugin_" + re.sub(r"\W", "_", os.path.basename(path)[:-3])
+    try:
+        spec = importlib.util.spec_from_file_location(modname, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = module
+        spec.loader.exec_module(module)
+        problem = _plugin_api_problem(getattr(module, "SSHLOG_PLUGIN_API", None)) or \
+            _registration_problem(saved, path)
+    except SyntaxError as e:
+        problem = "SyntaxError: %s (line %s)" % (e.msg, e.lineno)
+    except (Exception, SystemExit) as e:
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+                 if os.path.abspath(f.filename) == os.path.abspath(path)]
+        problem = "%s: %s%s" % (type(e).__name__, e, " (line %d)" % lines[-1] if lines else "")
+    if problem:
+        FILTERS.clear()
+        FILTERS.update(saved[0])
+        ACTIONS.clear()
+        ACTIONS.update(saved[1])
+        sys.modules.pop(modname, None)
+        return problem
+    for kind, registry, before in (("filter", FILTERS, saved[0]), ("action", ACTIONS, saved[1])):
+        for name, cls in registry.items():
+            if before.get(name) is not cls:
+                PLUGIN_SOURCES[(kind, name)] = path
+    return None
+
+
+def _plugin_api_problem(api):
+    if api is None:
+        return "it does not declare SSHLOG_PLUGIN_API (this sshlog offers %r)" % PLUGIN_API
+    m = re.fullmatch(r"(\d+)\.(\d+)", str(api))
+    mine = [int(x) for x in PLUGIN_API.split(".")]
+    if not m or int(m.group(1)) != mine[0] or int(m.group(2)) > mine[1]:
+        return "it needs plugin API %r, this sshlog offers %r" % (api, PLUGIN_API)
+    return None
+
+
+def _registration_problem(saved, path):
+    """What is wrong with the filters and actions a plugin registered."""
+    for kind, registry, before in (("filter", FILTERS, saved[0]), ("action", ACTIONS, saved[1])):
+        for name, cls in registry.items():
+            if before.get(name) is cls:
+                continue
+            if name in before and PLUGIN_SOURCES.get((kind, name)) != path:
+                return "it redefines the %s %r" % (kind, name)
+            problem = (_filter_problem if kind == "filter" else _action_problem)(name, cls)
+            if problem:
+                return "%s %r: %s" % (kind, name, problem)
+    return None
+
+
+def _filter_problem(name, cls):
+    if not (isinstance(cls, type) and issubclass(cls, Filter)):
+        return "not a subclass of sshlog.Filter"
+    if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name) or \
+            name.startswith("not_"):
+        return "a filter name is lower_case and does not start with not_"
+    if cls.kind not in _KIND_WORDS:
+        return "unknown value kind %r (one of %s)" % (cls.kind, ", ".join(_KIND_WORDS))
+    unknown = [t for t in cls.triggers if t not in EVENT_TYPES]
+    if not cls.triggers or unknown:
+        return "triggers must be a list of event types (unknown: %s)" % ", ".join(
+            map(repr, unknown or ["none given"]))
+    return None
+
+
+def _action_problem(name, cls):
+    if not (isinstance(cls, type) and issubclass(cls, Action)):
+        return "not a subclass of sshlog.Action"
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+        return "an action plugin name is letters, digits and _"
+    if not isinstance(cls.PARAMS, (tuple, list)):
+        return "PARAMS must be a tuple of sshlog.Param"
+    seen = set()
+    for p in cls.PARAMS:
+        if not isinstance(p, Param):
+            return "PARAMS must hold sshlog.Param, not %r" % (p,)
+        if p.name in seen or p.name in ("action", "plugin") or \
+                not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p.name):
+            return "parameter %r: duplicate or reserved name" % p.name
+        seen.add(p.name)
+        if p.kind not in _KIND_WORDS:
+            return "parameter %r: unknown kind %r (one of %s)" % (
+                p.name, p.kind, ", ".join(_KIND_WORDS))
+        if p.default is not REQUIRED and p.default is not None:
+            try:
+                coerce(p.kind, p.default)
+            except ValueError as e:
+                return "parameter %r: default %s" % (p.name, e)
+    return None
+
+
+# -- the configuration reference (`check-config --explain`, README) --
+
+TRIGGER_HELP = {
+    "connection_established": "a user has logged in (password, key, keyboard-interactive)",
+    "connection_auth_failed": "a login attempt failed (wrong password or key, unknown user)",
+    "connection_close": "a logged-in connection ended",
+    "command_start": "a program started in a session (every exec, with its argv)",
+    "command_finish": "that program ended (exit code or signal, first output bytes)",
+    "file_upload": "a file was written by scp or sftp",
+    "terminal_update": "the session's terminal showed output",
+}
+_KIND_SHORT = {"str": "string", "int": "integer", "float": "number", "number": "number",
+               "bool": "boolean", "strlist": "list of strings",
+               "str_or_list": "string or list of strings", "regex": "regular expression",
+               "any": "any"}
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _default_text(value):
+    if value is REQUIRED:
+        return "**required**"
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`%s`" % ("true" if value else "false")
+    if isinstance(value, str):
+        return "`%s`" % json.dumps(value)
+    return "`%s`" % json.dumps(value, separators=(", ", ": "))
+
+
+def config_reference(include_plugins=False):
+    """Every trigger, filter and action with its parameters and defaults, as
+    Markdown, from the registries and schemas the validator uses."""
+    def shown(kind, name):
+        return include_plugins or (kind, name) not in PLUGIN_SOURCES
+
+    def origin(kind, name):
+        src = PLUGIN_SOURCES.get((kind, name))
+        return " (plugin %s)" % src if src else ""
+
+    out = ["### Triggers", "", "| trigger | when |", "|---|---|"]
+    for name, cls in EVENT_TYPES.items():
+        out.append("| `%s` | %s |" % (name, _cell(TRIGGER_HELP.get(name) or
+                                                   getattr(cls, "help", "") or "")))
+    out += ["", "### Filters", "",
+            "All filters of an event must match.  Each filter also exists with a `not_` prefix "
+            "(`not_username: root`), which matches when the filter does not.  A filter only "
+            "looks at the triggers it applies to; on other triggers of the same event it is "
+            "not consulted.", "",
+            "| filter | value | applies to | matches when |", "|---|---|---|---|"]
+    for name in sorted(FILTERS):
+        cls = FILTERS[name]
+        if not shown("filter", name):
+            continue
+        applies = "all" if cls.triggers >= frozenset(EVENT_TYPES) else \
+            ", ".join(t for t in EVENT_TYPES if t in cls.triggers)
+        out.append("| `%s`%s | %s | %s | %s |" % (name, _cell(origin("filter", name)),
+                                                  _KIND_SHORT.get(cls.kind, cls.kind), applies,
+                                                  _cell(cls.help)))
+    out += ["", "### Actions", "",
+            "`plugin:` names the action type; the other keys are its parameters.  "
+            "`{{field}}` in a template is replaced by that event field (see the event "
+            "format).", ""]
+    for name in sorted(ACTIONS):
+        cls = ACTIONS[name]
+        if not shown("action", name):
+            continue
+        out += ["#### `%s`%s" % (name, _cell(origin("action", name))), "",
+                (cls.help or "").strip().rstrip(".") + ".", ""]
+        if cls.PARAMS:
+            out += ["| parameter | type | default | meaning |", "|---|---|---|---|"]
+            out += ["| `%s` | %s | %s | %s |" % (p.name, _KIND_SHORT.get(p.kind, p.kind),
+                                                 _default_text(p.default), _cell(p.help))
+                    for p in cls.PARAMS]
+            out.append("")
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
 ###############################################################################
 # Pipeline / dispatcher #######################################################
 ###############################################################################
@@ -1802,12 +2950,13 @@ class Pipeline:
     def __init__(self, config):
         self.config = config
         self.runners = {}
-        try:
-            for name, (plugin, params, _src) in config.actions.items():
+        for name, (plugin, params, src) in config.actions.items():
+            try:
                 self.runners[name] = ActionRunner(ACTIONS[plugin](name, dict(params)))
-        except Exception:
-            self.stop(timeout=1)
-            raise
+            except Exception as e:          # unwritable log directory, unreadable CA file ...
+                self.stop(timeout=1)
+                raise SshlogError("action %s (%s, %s) cannot start: %s" % (
+                    name, plugin, src, e)) from e
         self.by_type = collections.defaultdict(list)
         for rule in config.rules:
             for t in rule.triggers:
@@ -1840,8 +2989,12 @@ class Pipeline:
         return False
 
     def stop(self, timeout=5.0):
+        """Stop every action in parallel, all within `timeout` seconds."""
+        deadline = time.monotonic() + timeout
         for runner in self.runners.values():
-            runner.stop(timeout)
+            runner.begin_stop()
+        for runner in self.runners.values():
+            runner.finish_stop(deadline)
 
     def stats(self):
         return {name: r.stats() for name, r in self.runners.items()}
@@ -1953,8 +3106,9 @@ class Daemon:
     IDLE_TICK = 0.1
 
     def __init__(self, config_dir=None, socket_path=SOCKET_PATH, debug=False,
-                 default_config_dir=CONF_DIR, proc=PROC):
+                 default_config_dir=CONF_DIR, proc=PROC, plugin_dirs=None):
         self.config_dir = config_dir
+        self.plugin_dirs = plugin_dirs      # None: plugin_dirs(config_dir)
         self.default_config_dir = default_config_dir
         self.socket_path = socket_path
         self.debug = debug
@@ -1994,7 +3148,15 @@ class Daemon:
         if os.path.exists(self.socket_path):
             if not stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
                 raise SshlogError("%s exists and is not a socket" % self.socket_path)
-            os.unlink(self.socket_path)     # stale: we hold the lock
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(self.socket_path)
+                raise SshlogError("socket path %s is in use by another program"
+                                  % self.socket_path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(self.socket_path)     # stale: nobody answers and we hold the lock
+            finally:
+                probe.close()
         old = os.umask(0o117)
         try:
             self.server = ApiServer(self.socket_path, ApiHandler)
@@ -2036,6 +3198,7 @@ class Daemon:
             raise SshlogError("the daemon needs root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)")
         os.umask(0o077)
         self.acquire_lock()
+        self.load_plugins()
         config = load_config(self.config_dir, self.default_config_dir)
         for w in config.warnings:
             log.warning("%s", w)
@@ -2057,6 +3220,16 @@ class Daemon:
             self.shutdown()
         return 0
 
+    def load_plugins(self):
+        """Plugins register before the configuration that uses them is read;
+        a broken one is reported and skipped."""
+        dirs = self.plugin_dirs if self.plugin_dirs is not None else plugin_dirs(self.config_dir)
+        loaded, problems = load_plugins(dirs)
+        for problem in problems:
+            log.error("%s", problem)
+        if loaded:
+            log.info("plugins loaded: %s", ", ".join(loaded))
+
     def _on_hup(self, *_):
         self.reload_requested = True
 
@@ -2064,15 +3237,17 @@ class Daemon:
         self.reload_requested = False
         try:
             config = load_config(self.config_dir, self.default_config_dir)
+            new = Pipeline(config)
         except ConfigError as e:
             for p in e.problems:
                 log.error("reload refused: %s", p)
             return
-        except Exception as e:
+        except Exception as e:              # includes an action that cannot start
             log.error("reload refused: %s", e)
             return
-        old, self.pipeline = self.pipeline, Pipeline(config)
-        old.stop()
+        old, self.pipeline = self.pipeline, new
+        # the old actions finish their queues aside: a slow sink never holds up capture
+        threading.Thread(target=old.stop, name="old-pipeline", daemon=True).start()
         log.info("configuration reloaded: %s", ", ".join(config.files))
 
     def loop(self):
@@ -2126,6 +3301,708 @@ class Daemon:
 
 
 ###############################################################################
+# Reports #####################################################################
+###############################################################################
+# `sshlog report` summarises event logs without the daemon: the text form or
+# JSON Lines, rotations (.1, .2.gz, ...) read oldest first, one line at a
+# time.  Memory stays bounded: a line longer than REPORT_MAX_LINE is skipped
+# as corrupt, a table keeps at most REPORT_MAX_KEYS keys (the rarest are
+# folded away and the report says so) and a listing its latest
+# REPORT_MAX_ROWS rows.  Values are shown as the text form shows them:
+# control characters escaped, so a report cannot drive the reader's terminal.
+
+REPORT_MAX_LINE = 4 << 20
+REPORT_MAX_KEYS = 50000
+REPORT_MAX_ROWS = 5000
+REPORT_TOP = 10
+REPORT_FORMATS = ("text", "json", "csv", "markdown")
+REPORT_TYPES = frozenset(("connection_established", "connection_auth_failed",
+                          "connection_close", "command_start", "command_finish", "file_upload"))
+PRIVILEGE_COMMANDS = frozenset(("sudo", "sudoedit", "su", "doas", "pkexec", "runuser"))
+REPORT_CSV_COLUMNS = ("section", "time", "end", "user", "source", "count", "duration_s",
+                      "commands", "uploads", "exit_codes", "bytes", "item")
+
+ReportRecord = collections.namedtuple(
+    "ReportRecord", "type ts session user ip port pid filename args exit_code signal path "
+    "nbytes start existing host")
+
+_TEXT_DETAIL = {
+    "connection_established": r"(?:(.*) )?from ip (\S*) tty (-?\d+)",
+    "connection_auth_failed": r"(?:(.*) )?from ip (\S*)",
+    "connection_close": r"(?:(.*) )?from ip (\S*)",
+    "command_start": r"(?:(\S+) )?executed (.*)",
+    "command_finish": r"(?:(\S+) )?execute complete \(exit code: (-?\d+)"
+                      r"(?:, killed by (\w+))?\) (.*)",
+    "file_upload": r"(?:(\S+) )?uploaded file (.*)",
+}
+_TEXT_TIME = r"(\d{4}-\d\d-\d\d [0-2]\d):([0-5]\d):([0-5]\d|60) "
+# one pattern per event type, chosen by the word after the time
+_TEXT_LINES = {t: re.compile(_TEXT_TIME + t + r" \((\d+)\) " + d + r"\Z", re.S)
+               for t, d in _TEXT_DETAIL.items()}
+_TEXT_OTHER = re.compile(_TEXT_TIME + r"([a-z][a-z0-9_]*) \((\d+)\) ", re.S)
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\d)[Tt ]([0-2]\d):([0-5]\d):([0-5]\d|60)(\.\d{1,9})?"
+                      r"(Z|z|[+-]\d\d:\d\d)?\Z")
+_hour_epochs = ({}, {})           # 'YYYY-MM-DD HH' -> epoch: local, UTC
+
+
+def _hour_epoch(day_hour, utc):
+    """Epoch of 'YYYY-MM-DD HH' (local time, or UTC), cached: logs repeat hours."""
+    cache = _hour_epochs[utc]
+    t = cache.get(day_hour)
+    if t is None:
+        y, mo, d, h = int(day_hour[0:4]), int(day_hour[5:7]), int(day_hour[8:10]), \
+            int(day_hour[11:13])
+        if not (1 <= mo <= 12 and 1 <= d <= 31 and h <= 23 and y >= 1970):
+            raise ValueError("bad date %r" % day_hour)
+        try:
+            t = calendar.timegm((y, mo, d, h, 0, 0)) if utc else \
+                time.mktime((y, mo, d, h, 0, 0, 0, 0, -1))
+        except (OverflowError, OSError) as e:
+            raise ValueError("bad date %r: %s" % (day_hour, e))
+        if len(cache) > 100000:
+            cache.clear()
+        cache[day_hour] = t
+    return t
+
+
+def rfc3339_epoch(text):
+    """Epoch seconds of an RFC 3339 time ('2024-05-01T10:57:16.123456Z');
+    ValueError when it is not one.  No offset means UTC (what we write)."""
+    m = _RFC3339.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError("bad timestamp %r" % (text,))
+    day, hh, mm, ss, frac, zone = m.groups()
+    t = _hour_epoch(day + " " + hh, True) + int(mm) * 60 + int(ss) + float(frac or 0)
+    if zone and zone not in "Zz":
+        sign = -1 if zone[0] == "+" else 1
+        t += sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    return t
+
+
+def _peer(text):
+    ip, _, port = text.rpartition(":")
+    ip = ip[1:-1] if ip.startswith("[") and ip.endswith("]") else ip
+    return ("" if ip == "?" else ip), (int(port) if port.isdigit() else 0)
+
+
+def _jtext(obj, key):
+    v = obj.get(key)
+    if type(v) is str:
+        return v if v.isprintable() else printable(v)
+    if v is None or isinstance(v, (dict, list)):
+        return ""
+    return str(v)
+
+
+def _jint(obj, key):
+    v = obj.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def parse_report_line(line, since=None, until=None):
+    """One event-log line (bytes or str, text form or JSON) to a ReportRecord.
+    None: nothing to report (blank, another event type, outside
+    [since, until)).  ValueError: the line is corrupt.  Nothing else."""
+    text = line.decode("utf-8", "replace") if isinstance(line, (bytes, bytearray)) else line
+    text = text.rstrip("\r\n")
+    if not text or text[0] == "{":
+        return _report_json(text, since, until) if text else None
+    sp = text.find(" ", 20)
+    pattern = _TEXT_LINES.get(text[20:sp])
+    m = pattern.match(text) if pattern is not None else None
+    if m is None:
+        other = _TEXT_OTHER.match(text)
+        if other is None or other.group(4) in _TEXT_LINES:
+            if not text.strip():
+                return None
+            raise ValueError("not an event line")
+        _hour_epoch(other.group(1), False)
+        return None                   # terminal updates, event types of the future
+    g = m.groups()
+    ts = _hour_epoch(g[0], False) + int(g[1]) * 60 + int(g[2])
+    if (since is not None and ts < since) or (until is not None and ts >= until):
+        return None
+    etype = text[20:sp]
+    ip = port = filename = args = path = sig = code = None
+    if etype == "command_finish":
+        code, sig, args = int(g[5]), g[6], g[7]
+        filename = args.split(" ", 1)[0]
+    elif etype == "command_start":
+        args = g[5]
+        filename = args.split(" ", 1)[0]
+    elif etype == "file_upload":
+        path = g[5]
+    else:
+        ip, port = _peer(g[5])
+    return ReportRecord(etype, ts, "p" + g[3], g[4] or "", ip or "", port or 0, None,
+                        filename, args, code, sig, path, None, None, False, "")
+
+
+def _report_json(text, since, until):
+    if since is not None or until is not None:
+        # skip an event outside the period without decoding all of it
+        i = text.find('"timestamp": "', 0, 100)
+        if i >= 0:
+            j = text.find('"', i + 14, i + 60)
+            try:
+                ts = rfc3339_epoch(text[i + 14:j]) if j > 0 else None
+            except ValueError:
+                ts = None
+            if ts is not None and ((since is not None and ts < since) or
+                                   (until is not None and ts >= until)):
+                return None
+    if text.startswith('{"event_type": "terminal_update"'):
+        return None
+    try:
+        obj = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply")
+    if not isinstance(obj, dict):
+        raise ValueError("not a JSON object")
+    etype = obj.get("event_type")
+    if not isinstance(etype, str):
+        raise ValueError("no event_type")
+    ts = rfc3339_epoch(obj.get("timestamp"))
+    if etype not in REPORT_TYPES or (since is not None and ts < since) or \
+            (until is not None and ts >= until):
+        return None
+    get = obj.get
+    sid, ptm, user, ip = get("session_id"), get("ptm_pid"), get("username"), get("client_ip")
+    port, pid, code, host = get("client_port"), get("pid"), get("exit_code"), get("hostname")
+    session = "s" + sid if type(sid) is str and sid else \
+        "p%d" % (ptm if type(ptm) is int else 0)
+    user = user if type(user) is str and user.isprintable() else _jtext(obj, "username")
+    ip = ip if type(ip) is str and ip.isprintable() else _jtext(obj, "client_ip")
+    host = host if type(host) is str and host.isprintable() else _jtext(obj, "hostname")
+    filename = args = path = sig = None
+    command = etype.startswith("command_")
+    if command:
+        filename = _jtext(obj, "filename")
+        args = get("args")
+        if type(args) is not str:
+            argv = get("argv")
+            args = " ".join(a for a in argv if isinstance(a, str)) \
+                if isinstance(argv, list) else ""
+        if not args.isprintable():
+            args = printable(args)
+        sig = _jtext(obj, "signal") or None
+        start = get("session_start", get("start_time"))
+    else:
+        if etype == "file_upload":
+            path = _jtext(obj, "target_path")
+        start = get("start_time")
+    return ReportRecord(
+        etype, ts, session, user, ip, port if type(port) is int else 0,
+        pid if type(pid) is int else None, filename, args, code if type(code) is int else None,
+        sig, path, _jint(obj, "bytes"), start if type(start) is str else None,
+        get("existing") is True, host)
+
+
+def parse_report_time(text, now, option="--since"):
+    """`24h`, `7d`, `30m`, `2w`, `90s`, `today`, `now`, a DATE (local
+    midnight) or a DATETIME (local unless it ends in Z or an offset) to epoch
+    seconds; None for `all`.  UsageError when unreadable."""
+    t = (text or "").strip()
+    if t == "all":
+        return None
+    if t == "now":
+        return now
+    if t == "today":
+        return time.mktime(time.localtime(now)[:3] + (0, 0, 0, 0, 0, -1))
+    m = re.fullmatch(r"(\d+)\s*([smhdw])", t)
+    if m:
+        return now - int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400,
+                                         "w": 604800}[m.group(2)]
+    try:
+        if re.fullmatch(r"\d{4}-\d\d-\d\d", t):
+            return datetime.datetime.strptime(t, "%Y-%m-%d").timestamp()
+        if re.fullmatch(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d(:\d\d(\.\d+)?)?([Zz]|[+-]\d\d:\d\d)?", t):
+            t = t[:-1] + "+00:00" if t[-1] in "Zz" else t
+            return datetime.datetime.fromisoformat(t).timestamp()
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise UsageError("%s %r: use 24h, 7d, a date (2024-05-01) or a date and time "
+                     "('2024-05-01 13:00', 2024-05-01T13:00:00Z)" % (option, text))
+
+
+def event_log_rotations(path):
+    """`path` and its rotations (path.1, path.2.gz, ...), oldest first,
+    those that exist.  SshlogError when there is none."""
+    found = []
+    pattern = re.compile(re.escape(path) + r"\.(\d+)(\.gz)?\Z")
+    for p in glob.glob(glob.escape(path) + ".*"):
+        m = pattern.match(p)
+        if m:
+            found.append((-int(m.group(1)), bool(m.group(2)) is False, p))
+    files = [p for _, _, p in sorted(found)]
+    if os.path.lexists(path):
+        files.append(path)
+    if not files:
+        raise SshlogError("event log %s does not exist (has the daemon run? name the "
+                          "log files on the command line)" % path)
+    return files
+
+
+def order_log_files(paths):
+    """Named log files in reading order: per base name, rotations oldest
+    first (x.3.gz, x.2, x.1, x), bases in the order given."""
+    bases = {}
+
+    def key(p):
+        m = re.fullmatch(r"(.*?)(?:\.(\d+))?(\.gz)?", p, re.S)
+        base, n = m.group(1), int(m.group(2) or 0)
+        bases.setdefault(base, len(bases))
+        return bases[base], -n, p
+    keys = [key(p) for p in paths]
+    seen, out = set(), []
+    for k in sorted(keys):
+        if k[2] not in seen:
+            seen.add(k[2])
+            out.append(k[2])
+    return out
+
+
+def configured_event_logs(config):
+    """Paths of the event logs a configuration writes: the JSON ones when
+    there are any (they carry more and are cheaper to read), else the text
+    ones."""
+    logs = []
+    for _name, (plugin, params, _src) in config.actions.items():
+        if plugin == "eventlogfile_action":
+            entry = (params["log_file_path"], bool(params.get("output_json")))
+            if entry not in logs:
+                logs.append(entry)
+    if not logs:
+        raise SshlogError("the configuration (%s) writes no event log: name the log files "
+                          "on the command line" % ", ".join(config.files))
+    json_logs = [p for p, as_json in logs if as_json]
+    return json_logs or [p for p, _ in logs]
+
+
+class _Tally:
+    """Counts per key, keeping at most `cap` keys: when full, the rarer half
+    is folded away (counted in `folded`, so totals stay exact)."""
+
+    __slots__ = ("counts", "cap", "total", "folded")
+
+    def __init__(self, cap=REPORT_MAX_KEYS):
+        self.counts, self.cap, self.total, self.folded = {}, cap, 0, 0
+
+    def add(self, key):
+        self.total += 1
+        c = self.counts
+        if key in c:
+            c[key] += 1
+            return
+        if len(c) >= self.cap:
+            keep = sorted(c.items(), key=lambda kv: -kv[1])[:self.cap // 2]
+            self.folded += sum(c.values()) - sum(v for _, v in keep)
+            c = self.counts = dict(keep)
+        c[key] = 1
+
+    def top(self, n=None):
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]
+
+
+class _SessionRow:
+    __slots__ = ("key", "user", "ip", "port", "start", "first", "end", "commands", "uploads",
+                 "codes")
+
+    def __init__(self, key, rec, start):
+        self.key, self.user, self.ip, self.port = key, rec.user, rec.ip, rec.port
+        self.start, self.first, self.end = start, rec.ts, None
+        self.commands = self.uploads = 0
+        self.codes = {}
+
+    def result(self):
+        start = self.start if self.start is not None else self.first
+        return {"session": self.key[1:], "user": self.user, "client_ip": self.ip,
+                "client_port": self.port, "start": start, "start_known": self.start is not None,
+                "end": self.end,
+                "duration_s": round(self.end - start, 3) if self.end is not None else None,
+                "commands": self.commands, "uploads": self.uploads,
+                "failed_commands": sum(self.codes.values()),
+                "exit_codes": {str(k): v for k, v in sorted(self.codes.items())}}
+
+
+class EventReport:
+    """Streams event records in and builds the report (`result()`)."""
+
+    def __init__(self, since=None, until=None, users=None, top=REPORT_TOP):
+        self.since, self.until, self.top = since, until, top
+        self.users = frozenset(users) if users else None
+        self.files = []
+        self.lines = self.corrupt = self.events = 0
+        self.first, self.last = float("inf"), float("-inf")
+        self.hosts = set()
+        self.logins = _Tally()
+        self.failed_by_source = _Tally()
+        self.failed_by_account = _Tally()
+        self.commands = _Tally()
+        self.open = {}                        # session key -> _SessionRow
+        self.sessions = collections.deque(maxlen=REPORT_MAX_ROWS)
+        self.sessions_total = 0
+        self.privilege = collections.deque(maxlen=REPORT_MAX_ROWS)
+        self.privilege_total = 0
+        self.pending = {}                     # (session, pid) -> privilege row
+        self.uploads = collections.deque(maxlen=REPORT_MAX_ROWS)
+        self.uploads_total = 0
+
+    # -- input --
+
+    def read(self, path):
+        """Add every event of one log file (plain or gzip).  SshlogError
+        naming the file when it cannot be read."""
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise SshlogError("cannot read %s: %s" % (path, e.strerror or e))
+        lines_before, corrupt_before = self.lines, self.corrupt
+        try:
+            with f:
+                gz = f.read(2) == b"\x1f\x8b"
+                f.seek(0)
+                if gz:
+                    with gzip.GzipFile(fileobj=f, mode="rb") as z:
+                        self._scan(z)
+                else:
+                    self._scan(f)
+        except (OSError, EOFError, zlib.error) as e:
+            raise SshlogError("cannot read %s: %s" % (path, getattr(e, "strerror", None) or e))
+        self.files.append({"path": path, "lines": self.lines - lines_before,
+                           "corrupt_lines": self.corrupt - corrupt_before})
+
+    def _scan(self, stream):
+        readline, add, since, until = stream.readline, self.add, self.since, self.until
+        limit = REPORT_MAX_LINE
+        while True:
+            line = readline(limit)
+            if not line:
+                return
+            self.lines += 1
+            if len(line) >= limit and line[-1:] != b"\n":
+                self.corrupt += 1             # over-long: skip the rest of it
+                while line and line[-1:] != b"\n":
+                    line = readline(limit)
+                continue
+            try:
+                rec = parse_report_line(line, since, until)
+            except ValueError:
+                self.corrupt += 1
+                continue
+            if rec is not None:
+                add(rec)
+
+    def add(self, rec):
+        if self.users is not None and rec.user not in self.users:
+            return
+        self.events += 1
+        ts = rec.ts
+        if ts > self.last:
+            self.last = ts
+        if ts < self.first:
+            self.first = ts
+        if rec.host and len(self.hosts) < 100:
+            self.hosts.add(rec.host)
+        t = rec.type
+        if t == "command_start" or t == "command_finish":
+            row = self.open.get(rec.session) or self._new_row(rec)
+            filename = rec.filename or "?"
+            priv = filename.rpartition("/")[2] in PRIVILEGE_COMMANDS
+            if t == "command_start":
+                row.commands += 1
+                self.commands.add(filename)
+                if priv:
+                    self._privileged(rec, row, None)
+            else:
+                code = rec.exit_code
+                if code:
+                    row.codes[code] = row.codes.get(code, 0) + 1
+                if priv:
+                    self._privileged(rec, row, code)
+        elif t == "connection_established":
+            row = self.open.get(rec.session)
+            if row is None:
+                row = self._new_row(rec)
+                if not rec.existing:
+                    self.logins.add((rec.user, rec.ip))
+            elif not row.user:
+                row.user = rec.user
+        elif t == "connection_auth_failed":
+            self.failed_by_source.add(rec.ip)
+            self.failed_by_account.add(rec.user)
+        elif t == "file_upload":
+            row = self.open.get(rec.session) or self._new_row(rec)
+            row.uploads += 1
+            self.uploads_total += 1
+            self.uploads.append((ts, rec.user, row.ip, rec.path, rec.nbytes))
+        elif t == "connection_close":
+            row = self.open.pop(rec.session, None)
+            if row is None and rec.user:
+                row = self._new_row(rec)          # began before the period
+                self.open.pop(rec.session, None)
+            if row is not None:
+                row.end = ts
+                self._done(row)
+
+    def _privileged(self, rec, row, code):
+        """sudo/su & co: a row at the start, its exit code at the finish
+        (paired on the pid, or on the command line in the text form)."""
+        key = (rec.session, rec.pid if rec.pid is not None else rec.args)
+        if rec.type == "command_start":
+            entry = [rec.ts, rec.user, row.ip, rec.args, None]
+            if len(self.pending) >= REPORT_MAX_KEYS:
+                self.pending.clear()
+            self.pending[key] = entry
+        else:
+            entry = self.pending.pop(key, None)
+            if entry is not None:
+                entry[4] = code
+                return
+            entry = [rec.ts, rec.user, row.ip, rec.args, code]    # started before
+        self.privilege_total += 1
+        self.privilege.append(entry)
+
+    def _start_of(self, rec):
+        if rec.type == "connection_established" and not rec.existing:
+            return rec.ts
+        try:
+            return rfc3339_epoch(rec.start) if rec.start else None
+        except ValueError:
+            return None
+
+    def _new_row(self, rec):
+        if len(self.open) >= REPORT_MAX_KEYS:      # sessions that never closed
+            self._done(self.open.pop(next(iter(self.open))))
+        row = self.open[rec.session] = _SessionRow(rec.session, rec, self._start_of(rec))
+        return row
+
+    def _row(self, rec):
+        row = self.open.get(rec.session)
+        return row if row is not None else self._new_row(rec)
+
+    def _done(self, row):
+        self.sessions_total += 1
+        self.sessions.append(row.result())
+
+    # -- output --
+
+    def result(self):
+        """The report as plain data (times as epoch seconds)."""
+        for row in list(self.open.values()):
+            self._done(row)
+        self.open.clear()
+        top = self.top
+        sessions = sorted(self.sessions, key=lambda s: (s["start"], s["session"]))
+        return {
+            "since": self.since, "until": self.until,
+            "first_event": self.first if self.events else None,
+            "last_event": self.last if self.events else None,
+            "hostnames": sorted(self.hosts), "files": self.files,
+            "lines": sum(f["lines"] for f in self.files), "corrupt_lines": self.corrupt,
+            "events": self.events, "activity": self.events > 0,
+            "users": sorted(self.users) if self.users else None,
+            "logins": {"total": self.logins.total, "folded": self.logins.folded,
+                       "by_user_source": [{"user": u, "client_ip": ip, "count": n}
+                                          for (u, ip), n in self.logins.top()]},
+            "failed_logins": {
+                "total": self.failed_by_source.total,
+                "sources": len(self.failed_by_source.counts),
+                "accounts": len(self.failed_by_account.counts),
+                "folded": self.failed_by_source.folded + self.failed_by_account.folded,
+                "by_source": [{"client_ip": ip, "count": n}
+                              for ip, n in self.failed_by_source.top(top)],
+                "by_account": [{"username": u, "count": n}
+                               for u, n in self.failed_by_account.top(top)]},
+            "sessions": sessions,
+            "sessions_total": self.sessions_total,
+            "top_commands": {"total": self.commands.total, "distinct": len(self.commands.counts),
+                             "folded": self.commands.folded,
+                             "commands": [{"command": c, "count": n}
+                                          for c, n in self.commands.top(top)]},
+            "privilege": [{"time": ts, "user": u, "client_ip": ip, "command": a, "exit_code": c}
+                          for ts, u, ip, a, c in self.privilege],
+            "privilege_total": self.privilege_total,
+            "uploads": [{"time": ts, "user": u, "client_ip": ip, "path": p, "bytes": b}
+                        for ts, u, ip, p, b in self.uploads],
+            "uploads_total": self.uploads_total,
+        }
+
+
+def _rfc(ts):
+    return rfc3339(ts) if ts is not None else None
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "-"
+    s = int(round(seconds))
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    return "%dh%02dm%02ds" % (s // 3600, s % 3600 // 60, s % 60)
+
+
+def _codes_text(codes):
+    return ", ".join(k if v == 1 else "%s x%d" % (k, v) for k, v in codes.items()) or "-"
+
+
+def _session_table(r):
+    rows = []
+    for s in r["sessions"]:
+        rows.append((s["user"] or "?", s["client_ip"] or "?",
+                     local_time(s["start"]) if s["start_known"] else
+                     "(before) " + local_time(s["start"]),
+                     local_time(s["end"]) if s["end"] is not None else "open",
+                     _duration(s["duration_s"]), s["commands"], s["uploads"],
+                     _codes_text(s["exit_codes"])))
+    return ("User", "Source", "Start", "End", "Duration", "Commands", "Uploads",
+            "Exit codes != 0"), rows
+
+
+def _report_sections(r):
+    """(title, note, headers, rows) for the text and Markdown forms."""
+    out = []
+    lg = r["logins"]
+    out.append(("Logins: %d" % lg["total"], None, ("User", "Source", "Logins"),
+                [(x["user"] or "?", x["client_ip"] or "?", x["count"])
+                 for x in lg["by_user_source"]]))
+    fl = r["failed_logins"]
+    out.append(("Failed logins: %d from %d source(s), %d account(s)" % (
+        fl["total"], fl["sources"], fl["accounts"]), None, ("Source", "Failed"),
+        [(x["client_ip"] or "?", x["count"]) for x in fl["by_source"]]))
+    out.append(("Failed logins by attempted account", None, ("Account", "Failed"),
+                [(x["username"] or "?", x["count"]) for x in fl["by_account"]]))
+    headers, rows = _session_table(r)
+    out.append(("Sessions: %d" % r["sessions_total"],
+                "latest %d shown" % len(rows) if len(rows) < r["sessions_total"] else None,
+                headers, rows))
+    tc = r["top_commands"]
+    out.append(("Top commands (%d run, %d distinct)" % (tc["total"], tc["distinct"]), None,
+                ("Count", "Command"), [(x["count"], x["command"]) for x in tc["commands"]]))
+    out.append(("sudo/su use: %d" % r["privilege_total"],
+                "latest %d shown" % len(r["privilege"])
+                if len(r["privilege"]) < r["privilege_total"] else None,
+                ("Time", "User", "Source", "Exit", "Command"),
+                [(local_time(x["time"]), x["user"] or "?", x["client_ip"] or "?",
+                  "-" if x["exit_code"] is None else x["exit_code"], x["command"])
+                 for x in r["privilege"]]))
+    out.append(("Uploads: %d" % r["uploads_total"],
+                "latest %d shown" % len(r["uploads"])
+                if len(r["uploads"]) < r["uploads_total"] else None,
+                ("Time", "User", "Source", "Bytes", "Path"),
+                [(local_time(x["time"]), x["user"] or "?", x["client_ip"] or "?",
+                  "-" if x["bytes"] is None else x["bytes"], x["path"])
+                 for x in r["uploads"]]))
+    return out
+
+
+def _report_header(r):
+    period = "%s to %s" % (local_time(r["since"]) if r["since"] is not None else
+                           "the start of the logs",
+                           local_time(r["until"]) if r["until"] is not None else "now")
+    hosts = " on %s" % ", ".join(r["hostnames"]) if r["hostnames"] else ""
+    lines = ["sshlog report%s, %s" % (hosts, period),
+             "read %d line(s) from %d file(s): %s" % (
+                 r["lines"], len(r["files"]), ", ".join(f["path"] for f in r["files"]))]
+    if r["corrupt_lines"]:
+        lines.append("warning: %d corrupt line(s) skipped" % r["corrupt_lines"])
+    if r["users"]:
+        lines.append("users: %s" % ", ".join(r["users"]))
+    folded = r["logins"]["folded"] + r["failed_logins"]["folded"] + \
+        r["top_commands"]["folded"]
+    if folded:
+        lines.append("note: tables too large to keep whole; %d rare entries left out "
+                     "(totals are exact)" % folded)
+    return lines
+
+
+def render_report(r, fmt):
+    """The report as text, Markdown, JSON or CSV (a string)."""
+    if fmt == "json":
+        data = dict(r)
+        for k in ("since", "until", "first_event", "last_event"):
+            data[k] = _rfc(data[k])
+        data["sessions"] = [dict(s, start=_rfc(s["start"]), end=_rfc(s["end"]))
+                            for s in r["sessions"]]
+        data["privilege"] = [dict(x, time=_rfc(x["time"])) for x in r["privilege"]]
+        data["uploads"] = [dict(x, time=_rfc(x["time"])) for x in r["uploads"]]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    if fmt == "csv":
+        return _report_csv(r)
+    md = fmt == "markdown"
+    head = _report_header(r)
+    if md:
+        out = ["# " + head[0], ""] + ["- " + line for line in head[1:]]
+    else:
+        out = head[:]
+    if not r["activity"]:
+        out += ["", "No activity in this period."]
+        return "\n".join(out) + "\n"
+    for title, note, headers, rows in _report_sections(r):
+        out.append("")
+        if md:
+            out += ["## " + title, ""]
+            if note:
+                out += ["(%s)" % note, ""]
+            if rows:
+                def cell(v):
+                    return str(v).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+                out.append("| " + " | ".join(headers) + " |")
+                out.append("|" + "|".join("---" for _ in headers) + "|")
+                out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+            else:
+                out.append("none")
+        else:
+            out.append(title + (" (%s)" % note if note else ""))
+            if rows:
+                out += ["  " + line for line in format_table(headers, rows).splitlines()]
+    return "\n".join(out) + "\n"
+
+
+def _report_csv(r):
+    buf = []
+
+    class _Sink:
+        def write(self, s):
+            buf.append(s)
+    w = csv.writer(_Sink(), lineterminator="\n")
+    w.writerow(REPORT_CSV_COLUMNS)
+
+    def row(section, **kw):
+        w.writerow([section] + ["" if kw.get(c) is None else kw[c]
+                                for c in REPORT_CSV_COLUMNS[1:]])
+    for key in ("since", "until", "first_event", "last_event"):
+        row("summary", item=key, time=_rfc(r[key]))
+    for key in ("lines", "corrupt_lines", "events"):
+        row("summary", item=key, count=r[key])
+    for f in r["files"]:
+        row("file", item=f["path"], count=f["lines"])
+    for x in r["logins"]["by_user_source"]:
+        row("login", user=x["user"], source=x["client_ip"], count=x["count"])
+    for x in r["failed_logins"]["by_source"]:
+        row("failed_login_source", source=x["client_ip"], count=x["count"])
+    for x in r["failed_logins"]["by_account"]:
+        row("failed_login_account", user=x["username"], count=x["count"])
+    for s in r["sessions"]:
+        row("session", time=_rfc(s["start"]), end=_rfc(s["end"]), user=s["user"],
+            source=s["client_ip"], duration_s=s["duration_s"], commands=s["commands"],
+            uploads=s["uploads"], exit_codes=" ".join("%s:%d" % kv
+                                                      for kv in s["exit_codes"].items()),
+            item=s["session"])
+    for x in r["top_commands"]["commands"]:
+        row("command", item=x["command"], count=x["count"])
+    for x in r["privilege"]:
+        row("privilege", time=_rfc(x["time"]), user=x["user"], source=x["client_ip"],
+            exit_codes=x["exit_code"], item=x["command"])
+    for x in r["uploads"]:
+        row("upload", time=_rfc(x["time"]), user=x["user"], source=x["client_ip"],
+            bytes=x["bytes"], item=x["path"])
+    return "".join(buf)
+
+
+###############################################################################
 # CLI commands ################################################################
 ###############################################################################
 
@@ -2164,7 +4041,8 @@ def api_call(socket_path, request):
 
 def cmd_daemon(args):
     setup_logging(args.debug, args.log_file)
-    daemon = Daemon(config_dir=args.config_dir, socket_path=args.socket, debug=args.debug)
+    daemon = Daemon(config_dir=args.config_dir, socket_path=args.socket, debug=args.debug,
+                    plugin_dirs=plugin_dirs(args.config_dir, args.plugin_dir))
     return daemon.run()
 
 
@@ -2205,8 +4083,9 @@ def cmd_status(args):
           ", undecodable %d, watch %d, filter errors %d" % (
               data["decode_errors"], data["watch_dropped"], data["filter_errors"]))
     for name, a in sorted(data["actions"].items()):
-        print("action %s (%s): delivered %d, queued %d, dropped %d, failed %d" % (
-            name, a["plugin"], a["delivered"], a["queued"], a["dropped"], a["failed"]))
+        print("action %s (%s): delivered %d, queued %d, dropped %d, failed %d, retried %d" % (
+            name, a["plugin"], a["delivered"], a["queued"], a["dropped"], a["failed"],
+            a.get("retried", 0)))
     print("config: " + ", ".join(data["config_files"]))
     return 0
 
@@ -2240,6 +4119,14 @@ def cmd_watch(args):
 
 
 def cmd_check_config(args):
+    loaded, problems = load_plugins(plugin_dirs(args.config_dir, args.plugin_dir))
+    for problem in problems:
+        sys.stderr.write("warning: %s\n" % problem)
+    if args.explain:
+        sys.stdout.write(config_reference(include_plugins=True))
+        return 0
+    for path in loaded:
+        print("plugin loaded: %s" % path)
     config = load_config(args.config_dir)
     for w in config.warnings:
         print("warning: %s" % w)
@@ -2254,39 +4141,39 @@ def cmd_check_config(args):
 
 
 def doctor_checks():
-    """(name, ok, detail) for each run-time requirement."""
+    """(name, ok, what was found, how to fix it) for each run-time requirement."""
     checks = []
     rel = os.uname().release
-    try:
-        major, minor = (int(x) for x in re.match(r"(\d+)\.(\d+)", rel).groups())
-        checks.append(("kernel >= 5.8", (major, minor) >= (5, 8), rel))
-    except (AttributeError, ValueError):
-        checks.append(("kernel >= 5.8", False, "cannot parse %r" % rel))
-    checks.append(("root", os.geteuid() == 0, "the daemon must run as root"
-                   if os.geteuid() else "euid 0"))
+    m = re.match(r"(\d+)\.(\d+)", rel)
+    checks.append(("kernel >= 5.8", bool(m) and (int(m.group(1)), int(m.group(2))) >= (5, 8),
+                   rel, "a kernel with the BPF ring buffer (5.8 or newer)"))
+    checks.append(("root", os.geteuid() == 0, "euid %d" % os.geteuid(),
+                   "run the daemon as root (CAP_BPF, CAP_PERFMON, CAP_SYS_ADMIN)"))
     checks.append(("tracefs", os.path.isdir(os.path.join(TRACEFS, "events", "syscalls")),
-                   "%s (fix: mount -t tracefs tracefs %s)" % (TRACEFS, TRACEFS)))
-    checks.append(("BTF", os.path.exists(BTF_VMLINUX),
-                   "%s (exit status of signalled commands)" % BTF_VMLINUX))
+                   TRACEFS, "mount -t tracefs tracefs %s" % TRACEFS))
+    checks.append(("BTF", os.path.exists(BTF_VMLINUX), BTF_VMLINUX,
+                   "a kernel with CONFIG_DEBUG_INFO_BTF (without it, signal deaths are "
+                   "reported less exactly)"))
     try:
         bcc = import_bcc()
-        checks.append(("bcc", True, os.path.dirname(bcc.__file__)))
+        checks.append(("bcc", True, os.path.dirname(bcc.__file__), ""))
     except SshlogError as e:
-        checks.append(("bcc", False, str(e)))
-    checks.append(("kernel headers", kernel_headers_present(),
-                   "/lib/modules/%s/build (fix: apt-get install linux-headers-amd64 and link "
-                   "/usr/src/linux-headers-*-amd64 there; `make deps` does it)" % rel))
+        checks.append(("bcc", False, "not found", str(e).split(": ", 1)[-1]))
+    checks.append(("kernel headers", kernel_headers_present(), "/lib/modules/%s/build" % rel,
+                   "apt-get install linux-headers-$(uname -r), or linux-headers-amd64 linked as "
+                   "/lib/modules/%s/{build,source} (`make deps` does it)" % rel))
     sshd = next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.path.exists(p)),
                 None)
-    checks.append(("OpenSSH server", sshd is not None,
-                   sshd or "not found (fix: apt-get install openssh-server)"))
+    checks.append(("OpenSSH server", sshd is not None, sshd or "not found",
+                   "apt-get install openssh-server"))
     return checks
 
 
 def cmd_doctor(args):
     ok = True
-    for name, good, detail in doctor_checks():
-        print("%-15s %-7s %s" % (name, "ok" if good else "PROBLEM", detail))
+    for name, good, found, fix in doctor_checks():
+        print("%-15s %-7s %s" % (name, "ok" if good else "PROBLEM",
+                                 found if good else "%s; fix: %s" % (found, fix)))
         ok = ok and good
     try:
         config = load_config(args.config_dir)
@@ -2305,6 +4192,28 @@ def cmd_dump_probes(args):
 
 def cmd_version(_args):
     print("sshlog %s" % __version__)
+    return 0
+
+
+def cmd_report(args):
+    now = time.time()
+    since = parse_report_time(args.since, now, "--since")
+    until = parse_report_time(args.until, now, "--until") if args.until else None
+    if since is not None and until is not None and since >= until:
+        raise UsageError("--since must be before --until")
+    if args.top < 1:
+        raise UsageError("--top must be at least 1")
+    if args.logfiles:
+        files = order_log_files(args.logfiles)
+    else:
+        files = []
+        for path in configured_event_logs(load_config(args.config_dir)):
+            files += event_log_rotations(path)
+    report = EventReport(since, until, users=args.user, top=args.top)
+    for path in files:
+        report.read(path)
+    sys.stdout.write(render_report(report.result(), args.format))
+    sys.stdout.flush()
     return 0
 
 
@@ -2327,6 +4236,7 @@ EPILOG = """examples:
   ./sshlog.pyz watch                           follow logins, commands and uploads
   ./sshlog.pyz sessions --json                 live sessions for scripts
   ./sshlog.pyz check-config --config-dir /etc/sshlog
+  ./sshlog.pyz report --since 7d --format markdown   weekly summary of the event logs
 """
 
 
@@ -2346,6 +4256,9 @@ def build_parser():
     d.add_argument("--config-dir", help="configuration directory (default %s, else the "
                                         "embedded default)" % CONF_DIR)
     d.add_argument("--log-file", help="write the daemon's own log here instead of stderr")
+    d.add_argument("--plugin-dir", action="append", metavar="DIR",
+                   help="load plugins from DIR too (repeatable; always: the configuration "
+                        "directory's plugins/, default %s)" % PLUGIN_DIR)
     d.add_argument("--debug", action="store_true")
     d.set_defaults(func=cmd_daemon)
     w = client("watch", "print events as they happen")
@@ -2360,10 +4273,31 @@ def build_parser():
     st.set_defaults(func=cmd_status)
     c = sub.add_parser("check-config", help="validate a configuration")
     c.add_argument("--config-dir")
+    c.add_argument("--plugin-dir", action="append", metavar="DIR",
+                   help="load plugins from DIR too (repeatable)")
+    c.add_argument("--explain", action="store_true",
+                   help="print every trigger, filter and action with its parameters")
     c.set_defaults(func=cmd_check_config)
     dr = sub.add_parser("doctor", help="check what the daemon needs")
     dr.add_argument("--config-dir")
     dr.set_defaults(func=cmd_doctor)
+    rp = sub.add_parser("report", help="summarise the event logs (no daemon needed)",
+                        description="Logins, failed logins, sessions, top commands, sudo/su "
+                        "use and uploads from event logs (text or JSON Lines, rotations and "
+                        ".gz included) over a period [--since, --until).")
+    rp.add_argument("logfiles", nargs="*", metavar="LOGFILE",
+                    help="event logs to read (default: the configured event log(s) and "
+                    "their rotations)")
+    rp.add_argument("--since", default="24h",
+                    help="start: 24h, 7d, 30m, a date, a date and time, or `all` (default 24h)")
+    rp.add_argument("--until", help="end, not included (default: now)")
+    rp.add_argument("--format", choices=REPORT_FORMATS, default="text")
+    rp.add_argument("--user", action="append", metavar="USER",
+                    help="only this user (repeat for several)")
+    rp.add_argument("--top", type=int, default=REPORT_TOP,
+                    help="rows in the top tables (default %d)" % REPORT_TOP)
+    rp.add_argument("--config-dir", help="configuration naming the event logs")
+    rp.set_defaults(func=cmd_report)
     sub.add_parser("dump-probes", help="print the BPF C text and flags").set_defaults(
         func=cmd_dump_probes)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)

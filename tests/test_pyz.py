@@ -158,3 +158,19 @@ def test_vendored_yaml_is_pure_python(pyz, python, tmp_path):
         assert module_file.startswith(pyz + os.sep), module_file
     assert with_libyaml == "False"
     assert version == "6.0.2"
+
+
+def test_pyz_runs_the_embedded_default_configuration(tmp_path):
+    """Without a configuration directory the zipapp uses its own conf.d."""
+    pyz = os.path.join(REPO, "sshlog.pyz")
+    if not os.path.exists(pyz):
+        pytest.skip("sshlog.pyz not built (make)")
+    lone = tmp_path / "sshlog.pyz"
+    shutil.copy(pyz, lone)
+    r = subprocess.run([sys.executable, str(lone), "check-config"], capture_output=True,
+                       timeout=30, cwd=str(tmp_path))
+    if os.path.isdir("/etc/sshlog"):
+        pytest.skip("/etc/sshlog exists here: the embedded default is not used")
+    assert r.returncode == 0, r.stderr
+    assert b"<embedded>/conf.d/log_events.yaml" in r.stdout
+    assert b"log_events [eventlogfile_action]" in r.stdout
