@@ -56,7 +56,8 @@ TEST_ENV    = PYTHONPATH=$(CURDIR):$(CURDIR)/$(VENDOR)$(if $(PYTHONPATH),:$(PYTH
 DEB_ARCH := $(or $(shell dpkg --print-architecture 2>/dev/null),amd64)
 DEPS_PKGS := python3-bpfcc bpfcc-tools bpftool linux-headers-$(DEB_ARCH) \
              openssh-server openssh-client sshpass python3-pytest python3-hypothesis \
-             python3-yaml python3-pip rsyslog asciinema debootstrap tmux sudo
+             python3-yaml python3-pip rsyslog asciinema debootstrap tmux sudo \
+             rsyslog-gnutls python3-aiosmtpd
 
 PYZ_SOURCES := sshlog.py $(wildcard bpf_probes.c) \
                $(if $(wildcard conf.d samples),$(shell find $(wildcard conf.d samples) \
@@ -208,9 +209,9 @@ if [ ! -d /run/sshd ]; then
 fi
 for py in $(PY39) $(PY311); do
     [ -x "$$py" ] || continue
-    if ! "$$py" -c 'import sys; from importlib.util import find_spec as f; sys.exit(not (f("pytest") and f("hypothesis")))'; then
-        say "pip install pytest hypothesis into $$py"
-        PIP_ROOT_USER_ACTION=ignore "$$py" -m pip install -q pytest hypothesis
+    if ! "$$py" -c 'import sys; from importlib.util import find_spec as f; sys.exit(not (f("pytest") and f("hypothesis") and f("aiosmtpd")))'; then
+        say "pip install pytest hypothesis aiosmtpd into $$py"
+        PIP_ROOT_USER_ACTION=ignore "$$py" -m pip install -q pytest hypothesis aiosmtpd
     fi
 done
 endef
