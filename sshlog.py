@@ -15,6 +15,10 @@ USAGE:
     sshlog status [--json]                daemon counters (events, drops, queues)
     sshlog check-config [--config-dir DIR] [--plugin-dir DIR] [--explain]
     sshlog doctor                         check what the daemon needs
+    sshlog report [--since 24h|7d|DATE|DATETIME|all] [--until WHEN] [--user U]
+                  [--format text|json|csv|markdown] [--top N] [LOGFILE...]
+    sshlog install [--prefix P]           copy to /usr/local/bin, /etc/sshlog, systemd unit
+    sshlog uninstall [--prefix P] [--purge]
     sshlog version
     sshlog dump-probes                    print the BPF C text and flags
 
@@ -52,7 +56,10 @@ Copyright the sshlog authors.  License: Apache-2.0.
 ###############################################################################
 
 import argparse
+import base64
+import binascii
 import calendar
+import codecs
 import collections
 import csv
 import ctypes
@@ -95,6 +102,10 @@ PROC = "/proc"
 TRACEFS = "/sys/kernel/tracing"
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+INSTALL_BIN = "/usr/local/bin/sshlog"                    # `install` copies the zipapp here
+SYSTEMD_UNIT = "/etc/systemd/system/sshlog.service"
+SYSTEMD_RUNNING = "/run/systemd/system"                  # exists when systemd is PID 1
+INSTALL_MANIFEST = "/var/lib/sshlog/install.json"        # what `install` created
 # Where the distro's bcc bindings live when another python3 runs us.
 DISTRO_SITE_DIRS = ("/usr/lib/python3/dist-packages", "/usr/lib/python3*/site-packages",
                     "/usr/lib64/python3*/site-packages")
@@ -1993,6 +2004,617 @@ class EventLogFile(Action):
         self.handler.close()
 
 
+# -- session recordings: sessionlog_action --
+#
+# Per session two files side by side, written by one worker (the action's)
+# under an exclusive flock, mode 0600 in a 0700 directory:
+#   NAME.log   the original agent's plain text: header, output with escape
+#              sequences removed and control keys readable, [[ sshlog ... ]]
+#              marker lines (time, loss, size cap), close footer;
+#   NAME.cast  asciicast v2 (https://docs.asciinema.org/manual/asciicast/v2/):
+#              header (window size, timestamp, env TERM/SHELL, title, the
+#              session in "sshlog"), "o" output, "r" window changes, "m"
+#              markers (each command's start, losses, size cap, close), and
+#              "i" keystrokes when capture_input is on (never while the pty
+#              has ECHO off: the BPF side drops those).
+# Output is decoded incrementally, so a character split across two reads
+# stays whole; bytes that are not UTF-8 are backslash-escaped, never dropped.
+
+_ESC_SEQ = re.compile(
+    # complete sequences: CSI, 8-bit CSI, OSC to BEL/ST (titles), DCS/PM/APC/SOS to ST,
+    # then two-byte and charset escapes
+    r"(\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
+    r"|\x1b[P^_X][^\x1b]*\x1b\\|\x1b[ -/]*[0-~])"
+    # or the start of one, cut at the end of the chunk
+    r"|(\x1b\[[0-?]*[ -/]*\Z|\x9b[0-?]*[ -/]*\Z|\x1b\][^\x07\x1b]*\x1b?\Z"
+    r"|\x1b[P^_X][^\x1b]*\x1b?\Z|\x1b[ -/]*\Z)")
+_CONTROL_KEYS = {c: "[Ctrl+%s]" % chr(c + 64) for c in
+                 list(range(0x01, 0x07)) + [0x0B, 0x0C] + list(range(0x0E, 0x1B))}
+_CONTROL_KEYS.update({0x1C: "[Ctrl+\\]", 0x1D: "[Ctrl+]]", 0x1E: "[Ctrl+^]", 0x1F: "[Ctrl+/]",
+                      0x08: "[\u2190]", 0x7F: "[<--]"})
+_CONTROL_KEYS.update({c: None for c in (0x00, 0x07, 0x0D, 0x1B)})
+_CONTROL_KEYS.update({c: None for c in range(0x80, 0xA0)})
+
+
+class TerminalText:
+    """Terminal output to readable text (the original's session log form):
+    escape sequences removed, even when split across chunks, control keys
+    shown as [Ctrl+X], CR and BEL dropped, TAB and LF kept."""
+
+    CARRY_MAX = 4096              # an unterminated string sequence longer than this is dropped
+
+    def __init__(self):
+        self.carry = ""
+
+    def feed(self, text, final=False):
+        text, self.carry = self.carry + text, ""
+
+        def strip(m):
+            if m.group(2) is not None and not final:
+                self.carry = m.group(2)
+            return ""
+        text = _ESC_SEQ.sub(strip, text)
+        if len(self.carry) > self.CARRY_MAX:
+            self.carry = ""
+        return text.translate(_CONTROL_KEYS)
+
+
+FILE_NAME_FIELDS = ("ptm_pid", "session_id", "username", "tty_id", "hostname", "date", "time")
+
+
+def recording_name(template, event):
+    """File name (no extension) of a session's recording from `template`;
+    each field is reduced to [A-Za-z0-9._@-] so no name can leave the
+    directory.  ValueError/KeyError/IndexError for a bad template."""
+    start = event.start_time or event.timestamp
+    fields = {"ptm_pid": event.ptm_pid, "session_id": event.session_id,
+              "username": event.username, "tty_id": event.tty_id, "hostname": event.hostname,
+              "date": time.strftime("%Y%m%d", time.gmtime(start)),
+              "time": time.strftime("%H%M%S", time.gmtime(start))}
+    safe = {k: re.sub(r"[^A-Za-z0-9._@-]", "_", str(v)) for k, v in fields.items()}
+    name = template.format(**safe)
+    if not name or "/" in name or name in (".", "..") or "\0" in name:
+        raise ValueError("%r is not a file name" % name)
+    return name
+
+
+def process_environ(pid, name, proc=PROC):
+    """Value of environment variable `name` of process `pid`, or None."""
+    try:
+        with open("%s/%d/environ" % (proc, pid), "rb") as f:
+            data = f.read(65536)
+    except OSError:
+        return None
+    for item in data.split(b"\0"):
+        if item.startswith(name.encode() + b"="):
+            return decode_bytes(item[len(name) + 1:])
+    return None
+
+
+def passwd_shell(uid, root="/"):
+    for line in (read_text(os.path.join(root, "etc/passwd")) or "").splitlines():
+        parts = line.split(":")
+        if len(parts) > 6 and parts[2] == str(uid):
+            return parts[6]
+    return ""
+
+
+def pty_window_size(tty, dev="/dev/pts"):
+    """(rows, cols) of /dev/pts/N, asked of the slave without reading from
+    it (so no byte is taken from the session), or (0, 0)."""
+    try:
+        fd = os.open("%s/%d" % (dev, tty), os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except OSError:
+        return 0, 0
+    try:
+        import termios
+        rows, cols = struct.unpack("HH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8)[:4])
+        return rows, cols
+    except OSError:
+        return 0, 0
+    finally:
+        os.close(fd)
+
+
+def read_cast_header(fd):
+    """The JSON header of an asciicast file open at `fd`, or None."""
+    data = os.pread(fd, 65536, 0)
+    line = data.split(b"\n", 1)[0]
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def last_cast_time(fd):
+    """Time of the last complete event line of an asciicast file, or 0."""
+    size = os.fstat(fd).st_size
+    start = max(0, size - 65536)
+    lines = os.pread(fd, size - start, start).split(b"\n")
+    for line in reversed(lines[1:]):           # [0]: the header, or a cut line
+        try:
+            ev = json.loads(line)
+            if isinstance(ev, list) and ev and isinstance(ev[0], (int, float)):
+                return float(ev[0])
+        except ValueError:
+            continue
+    return 0.0
+
+
+class SessionRecording:
+    """The two files of one session and what is needed to keep appending to
+    them: decoders, clocks, sizes, pending output before the cast header."""
+
+    LOG, CAST = 0, 1
+
+    def __init__(self, owner, event, stem, log_fd, cast_fd, header):
+        self.owner = owner
+        self.stem = stem
+        self.session_id = event.session_id
+        self.ptm_pid = event.ptm_pid
+        self.fds = [log_fd, cast_fd]
+        self.sizes = [os.fstat(log_fd).st_size, os.fstat(cast_fd).st_size]
+        self.bufs = [bytearray(), bytearray()]
+        self.dirty_since = None
+        self.out_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
+        self.in_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
+        self.text = TerminalText()
+        self.next_out = self.next_in = None   # expected stream offsets (queue-loss check)
+        self.capped = False
+        self.broken = False
+        self.log_at_line_start = True
+        self.last_mark = event.timestamp     # last [[ sshlog time ]] line
+        self.username = event.username
+        self.opened = time.monotonic()
+        if header is not None:                # appending to this session's own recording
+            self.t0 = float(header.get("timestamp", event.timestamp))
+            start = header.get("sshlog", {}).get("start")
+            if isinstance(start, (int, float)):
+                self.t0 = float(start)
+            self.last_t = last_cast_time(cast_fd)
+            self.header_done = True
+            self.pending = None
+        else:
+            self.t0 = event.timestamp
+            self.last_t = 0.0
+            self.header_done = False
+            self.pending = []                 # cast lines waiting for the header
+            self.pending_bytes = 0
+        self.rows = getattr(event, "rows", 0)
+        self.cols = getattr(event, "cols", 0)
+        self.event = event                    # the session's identity for the header
+
+    # -- low level --
+
+    def _put(self, which, text):
+        data = text.encode("utf-8")
+        self.bufs[which] += data
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+        if len(self.bufs[which]) >= 65536:
+            self.flush()
+
+    def flush(self):
+        for which in (self.LOG, self.CAST):
+            buf = self.bufs[which]
+            view, done = memoryview(buf), 0
+            try:
+                while done < len(buf):
+                    done += os.write(self.fds[which], view[done:])
+            finally:
+                view.release()
+                self.sizes[which] += done
+                del buf[:done]
+        self.dirty_since = None
+
+    def size(self, which):
+        return self.sizes[which] + len(self.bufs[which])
+
+    def when(self, ts):
+        """Seconds since the recording's start: never before the previous event."""
+        self.last_t = max(self.last_t, ts - self.t0)
+        return self.last_t
+
+    def log(self, text):
+        if text:
+            self._put(self.LOG, text)
+            self.log_at_line_start = text.endswith("\n")
+
+    def log_line(self, text):
+        self.log(("" if self.log_at_line_start else "\n") + text + "\n")
+
+    def cast(self, ts, code, data, encoded=None):
+        line = "[%.6f, %s, %s]\n" % (self.when(ts), json.dumps(code),
+                                     encoded or json.dumps(data, ensure_ascii=False))
+        if self.header_done:
+            self._put(self.CAST, line)
+        else:
+            self.pending.append(line)
+            self.pending_bytes += len(line)
+            if self.pending_bytes > self.owner.PENDING_MAX:
+                self.write_header(None)
+
+    def marker(self, ts, text):
+        """A [[ sshlog ... ]] line in the text log and an `m` marker."""
+        self.log_line("[[ sshlog %s ]]" % text)
+        self.cast(ts, "m", "sshlog: " + text)
+
+    # -- the cast header --
+
+    def write_header(self, term):
+        if self.header_done:
+            return
+        ev = self.event
+        rows, cols = self.rows, self.cols
+        if not (rows and cols) and ev.tty_id >= 0:
+            rows, cols = pty_window_size(ev.tty_id)
+        rows, cols = rows or 24, cols or 80
+        self.rows, self.cols = rows, cols
+        client = ("[%s]:%d" if ":" in ev.client_ip else "%s:%d") % (ev.client_ip, ev.client_port)
+        header = {
+            "version": 2, "width": cols, "height": rows, "timestamp": int(self.t0),
+            "env": {"TERM": term or "xterm",
+                    "SHELL": passwd_shell(ev.user_id, getattr(ev, "sshd_root", "/")) or ""},
+            "title": "%s@%s /dev/pts/%d from %s" % (ev.username, ev.hostname, ev.tty_id, client),
+            "sshlog": {"version": __version__, "user": ev.username, "uid": ev.user_id,
+                       "client_ip": ev.client_ip, "client_port": ev.client_port,
+                       "server_ip": ev.server_ip, "server_port": ev.server_port,
+                       "tty": "/dev/pts/%d" % ev.tty_id, "tty_id": ev.tty_id,
+                       "session_id": ev.session_id, "ptm_pid": ev.ptm_pid,
+                       "host": ev.hostname, "start": self.t0,
+                       "session_start": rfc3339(ev.start_time) if ev.start_time else None}}
+        self.header_done = True
+        self._put(self.CAST, json.dumps(header, ensure_ascii=False) + "\n")
+        for line in self.pending:
+            self._put(self.CAST, line)
+        self.pending = None
+
+    # -- events --
+
+    def begin(self, event, continuing):
+        if continuing:
+            if event.existing:
+                self.marker(event.timestamp, "recording resumed at %s after sshlog restarted; "
+                            "output in between was not recorded" % rfc3339(event.timestamp))
+            return
+        self.log_line("[[ sshlog connection_established user: %s at %s ]]"
+                      % (event.username, rfc3339(event.timestamp)))
+        if event.existing:
+            self.marker(event.timestamp, "recording starts at %s: the session was open "
+                        "before sshlog started (at %s)" % (
+                            rfc3339(event.timestamp), rfc3339(event.start_time or 0)))
+
+    def over_cap(self, ts, more):
+        cap = self.owner.cap
+        if self.capped:
+            return True
+        if cap and max(self.size(self.LOG), self.size(self.CAST) + self.pending_size()) \
+                + more > cap:
+            self.capped = True
+            self.marker(ts, "recording stopped at %s: size limit of %d bytes reached"
+                        % (rfc3339(ts), cap))
+            return True
+        return False
+
+    def pending_size(self):
+        return self.pending_bytes if self.pending is not None else 0
+
+    def output(self, ev):
+        self._gap(ev, "next_out", "terminal output")
+        if not ev.raw or self.capped:
+            return
+        text = self.out_dec.decode(ev.raw)
+        if not text:
+            return
+        encoded = json.dumps(text, ensure_ascii=False)
+        if self.over_cap(ev.timestamp, len(encoded.encode("utf-8")) + 24):
+            return
+        freq = self.owner.freq
+        if freq > 0 and ev.timestamp - self.last_mark > freq:
+            self.last_mark = ev.timestamp
+            self.log_line("[[ sshlog time: %s ]]" % rfc3339(ev.timestamp))
+        self.cast(ev.timestamp, "o", text, encoded)
+        self.log(self.text.feed(text))
+
+    def input(self, ev):
+        self._gap(ev, "next_in", "keystrokes")
+        if not ev.raw or not self.owner.capture_input or self.capped:
+            return
+        text = self.in_dec.decode(ev.raw)
+        if not text:
+            return
+        encoded = json.dumps(text, ensure_ascii=False)
+        if not self.over_cap(ev.timestamp, len(encoded.encode("utf-8")) + 24):
+            self.cast(ev.timestamp, "i", text, encoded)
+
+    def _gap(self, ev, attr, what):
+        """Markers where bytes are missing: lost in the kernel (the record
+        says how many) or dropped from this action's queue (offsets jump)."""
+        expected = getattr(self, attr)
+        queued_loss = ev.offset - expected if expected is not None else 0
+        setattr(self, attr, ev.offset + ev.data_len)
+        for lost, where in ((ev.lost_bytes, "kernel ring buffer full"),
+                            (queued_loss, "sshlog action queue full")):
+            if lost > 0 and not self.capped:
+                if what == "terminal output":     # a character cut by the gap stays escaped
+                    self.log(self.text.feed(self.out_dec.decode(b"", True)))
+                    self.out_dec.reset()
+                self.marker(ev.timestamp, "%d bytes of %s lost here (%s)" % (lost, what, where))
+
+    def resize(self, ev):
+        if (ev.rows, ev.cols) == (self.rows, self.cols) or not ev.rows or not ev.cols:
+            return
+        self.rows, self.cols = ev.rows, ev.cols
+        if self.header_done and not self.capped:
+            self.cast(ev.timestamp, "r", "%dx%d" % (ev.cols, ev.rows))
+
+    def command(self, ev):
+        if not self.header_done:
+            self.write_header(process_environ(ev.pid, "TERM"))
+        if not self.capped:
+            label = printable(ev.args)
+            self.cast(ev.timestamp, "m", label[:256] + ("..." if len(label) > 256 else ""))
+
+    def finish(self, ts, why=None):
+        """The connection ended (or is no longer there): footer, flush, close."""
+        try:
+            self.write_header(None)
+            tail = self.out_dec.decode(b"", True)
+            if tail and not self.capped:
+                self.cast(ts, "o", tail)
+            if not self.capped:
+                self.log(self.text.feed(tail, final=True))
+            if why:
+                self.marker(ts, why)
+            self.cast(ts, "m", "sshlog: connection closed")
+            self.log_line("[[ sshlog connection_close user: %s at %s ]]"
+                          % (self.username, rfc3339(ts)))
+            self.flush()
+        finally:
+            self.close()
+
+    def close(self):
+        for fd in self.fds:
+            try:
+                os.close(fd)                  # also drops the flock
+            except OSError:
+                pass
+        self.fds = [-1, -1]
+
+
+@register_action("sessionlog_action", "record each terminal session: the original's plain-text "
+                 "log NAME.log and an asciicast v2 NAME.cast beside it (`sshlog replay`, "
+                 "`asciinema play`)")
+class SessionLog(Action):
+    PARAMS = (
+        Param("log_directory", "str", help="directory of the recordings (created 0700)"),
+        Param("timestamp_frequency_seconds", "number", -1,
+              "write [[ sshlog time: ... ]] into a session's text log when this many seconds "
+              "passed since the last one; -1: never"),
+        Param("max_session_size_mb", "number", 100,
+              "stop recording a session, with a marker, when one of its files would pass this "
+              "size; 0: no limit"),
+        Param("capture_input", "bool", False,
+              "add keystrokes to the .cast as `i` events (not while the terminal has ECHO off: "
+              "passwords are dropped in the kernel); needs the trigger terminal_input and a "
+              "daemon restart"),
+        Param("file_name", "str", "ssh_{ptm_pid}",
+              "file name without extension; fields: {%s}" % "} {".join(FILE_NAME_FIELDS)))
+
+    PENDING_MAX = 256 * 1024      # output kept while the cast header waits for TERM
+    HEADER_WAIT = 2.0             # seconds the header waits for the session's first command
+    FLUSH_EVERY = 0.5             # seconds buffered output may wait before it is written
+    CHECK_GONE_EVERY = 60.0       # seconds between checks for sessions whose close was missed
+    LOCK_WAIT = 10.0              # seconds to wait for another writer (a reload) to let go
+    CLOSED_KEPT = 4096            # closed session ids remembered (late events are ignored)
+    proc = PROC
+
+    @classmethod
+    def check(cls, params):
+        problems = []
+        sample = ConnectionEstablished(timestamp=0.0, hostname="h", ptm_pid=1, session_id="s",
+                                       username="u", tty_id=0)
+        try:
+            recording_name(params["file_name"], sample)
+        except (KeyError, IndexError, ValueError) as e:
+            problems.append("file_name: invalid template %r (%s; fields: %s)" % (
+                params["file_name"], e, ", ".join(FILE_NAME_FIELDS)))
+        if params["max_session_size_mb"] < 0:
+            problems.append("max_session_size_mb: must be 0 (no limit) or more")
+        return problems
+
+    def __init__(self, name, params):
+        super().__init__(name, params)
+        problems = self.check(params)
+        if problems:
+            raise ConfigError(problems)
+        self.directory = params["log_directory"]
+        self.freq = params["timestamp_frequency_seconds"]
+        self.cap = int(params["max_session_size_mb"] * 1024 * 1024)
+        self.capture_input = params["capture_input"]
+        self.template = params["file_name"]
+        self.log = logging.getLogger("sshlog.recording")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        mode = stat.S_IMODE(os.stat(self.directory).st_mode)
+        if mode & 0o077:
+            self.log.warning("recordings directory %s is mode %04o: others can list the "
+                             "recordings (the files themselves are 0600)", self.directory, mode)
+        _raise_fd_limit()
+        self.lock = threading.Lock()
+        self.sessions = {}                    # ptm_pid -> SessionRecording
+        self.closed = collections.OrderedDict()
+        self.errors = 0
+        self.stopping = threading.Event()
+        self.checked_gone = time.monotonic()
+        self.flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                        name="recordings-" + name)
+        self.flusher.start()
+
+    def handle(self, event):
+        with self.lock:
+            rec = self.sessions.get(event.ptm_pid)
+            if rec is not None and rec.session_id != event.session_id:
+                self._drop(rec)               # a close we never saw; the pid is reused
+                rec = None
+            if event.type == "connection_close":
+                self.closed[event.session_id] = True
+                while len(self.closed) > self.CLOSED_KEPT:
+                    self.closed.popitem(last=False)
+                if rec is not None:
+                    del self.sessions[event.ptm_pid]
+                    self._guard(rec, rec.finish, event.timestamp)
+                return
+            if rec is None:
+                rec = self._start(event)
+                if rec is None:
+                    return
+            if rec.broken:
+                return
+            kind = event.type
+            if kind == "terminal_update":
+                self._guard(rec, rec.output, event)
+            elif kind == "terminal_input":
+                self._guard(rec, rec.input, event)
+            elif kind == "terminal_resize":
+                self._guard(rec, rec.resize, event)
+            elif kind == "command_start":
+                self._guard(rec, rec.command, event)
+
+    def _start(self, event):
+        """Open the files of a session seen for the first time: authenticated
+        (a user name) and with a terminal; None when it gets none."""
+        if event.session_id in self.closed or not event.username or event.tty_id < 0 or \
+                event.type not in ("connection_established", "terminal_update", "command_start",
+                                   "terminal_resize", "terminal_input"):
+            return None
+        try:
+            rec = self._open(event)
+        except OSError as e:
+            self._error("cannot open the recording of session %s (ptm %d) in %s: %s" % (
+                event.session_id, event.ptm_pid, self.directory, e))
+            return None
+        self.sessions[event.ptm_pid] = rec
+        return rec
+
+    def _open(self, event):
+        base = recording_name(self.template, event)
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        for n in range(100):
+            stem = os.path.join(self.directory, base if n == 0 else "%s.%d" % (base, n))
+            cast_fd = os.open(stem + ".cast", flags, 0o600)
+            try:
+                header = self._lock(cast_fd, event)
+            except BlockingIOError:
+                os.close(cast_fd)             # another writer's, not this session's
+                continue
+            except BaseException:
+                os.close(cast_fd)
+                raise
+            if header is False:
+                os.close(cast_fd)             # another session's file (a reused pid)
+                continue
+            try:
+                log_fd = os.open(stem + ".log", flags & ~os.O_RDWR | os.O_WRONLY, 0o600)
+            except BaseException:
+                os.close(cast_fd)
+                raise
+            for fd in (cast_fd, log_fd):
+                os.fchmod(fd, 0o600)
+            rec = SessionRecording(self, event, stem, log_fd, cast_fd, header)
+            rec.begin(event, header is not None)
+            if getattr(event, "rows", 0):
+                rec.rows, rec.cols = event.rows, event.cols
+            return rec
+        raise OSError(errno.EEXIST, "no free file name for %s" % base)
+
+    def _lock(self, fd, event):
+        """Take the writer's lock on a cast file.  Returns None (empty: a new
+        recording), the header (this session's own recording: append), or
+        False (another session's); BlockingIOError when someone else writes
+        another session there.  A reload has the old action still finishing
+        this very session: wait for it."""
+        deadline = time.monotonic() + self.LOCK_WAIT
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                header = read_cast_header(fd)
+                mine = header and header.get("sshlog", {}).get("session_id") == event.session_id
+                if not mine or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        if os.fstat(fd).st_size == 0:
+            return None
+        header = read_cast_header(fd)
+        if header and header.get("sshlog", {}).get("session_id") == event.session_id:
+            return header
+        return False
+
+    def _guard(self, rec, method, *args):
+        try:
+            method(*args)
+        except OSError as e:
+            rec.broken = True
+            self._error("recording %s stopped: %s" % (rec.stem, e))
+
+    def _error(self, message):
+        self.errors += 1
+        if self.errors in (1, 10, 100) or self.errors % 1000 == 0:
+            self.log.error("%s (%d recording error(s) so far)", message, self.errors)
+
+    def _drop(self, rec, why="sshlog did not see this connection close"):
+        self.sessions.pop(rec.ptm_pid, None)
+        self._guard(rec, rec.finish, time.time(), why)
+
+    def _flush_loop(self):
+        while not self.stopping.wait(self.FLUSH_EVERY / 2):
+            with self.lock:
+                self.tick(time.monotonic())
+
+    def tick(self, now):
+        """Buffered output out after FLUSH_EVERY, headers that waited too
+        long for a command, and (now and then) sessions that are gone."""
+        check_gone = now - self.checked_gone > self.CHECK_GONE_EVERY
+        if check_gone:
+            self.checked_gone = now
+        for rec in list(self.sessions.values()):
+            if rec.broken:
+                continue
+            if not rec.header_done and now - rec.opened > self.HEADER_WAIT:
+                self._guard(rec, rec.write_header, None)
+            if rec.dirty_since is not None and now - rec.dirty_since >= self.FLUSH_EVERY:
+                self._guard(rec, rec.flush)
+            if check_gone and not os.path.exists("%s/%d" % (self.proc, rec.ptm_pid)):
+                self._drop(rec)
+
+    def close(self):
+        self.stopping.set()
+        self.flusher.join(2.0)
+        with self.lock:
+            for rec in list(self.sessions.values()):
+                try:
+                    rec.write_header(None)
+                    rec.flush()
+                except OSError as e:
+                    self._error("recording %s: %s" % (rec.stem, e))
+                rec.close()
+            self.sessions.clear()
+
+
+def _raise_fd_limit(want=65536):
+    """Two files per live session: lift the soft RLIMIT_NOFILE toward the hard one."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
+
+
 # -- shared by the actions below: templates, retries, transports --
 
 _TEMPLATE = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -3041,6 +3663,428 @@ def peer_allowed(sock, group=SOCKET_GROUP, proc=PROC):
     return False
 
 
+def peer_creds(sock):
+    """(pid, uid, gid) of the process at the other end of a Unix socket."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)
+
+
+# -- attach: the screen at once, then the live stream --
+#
+# The daemon keeps the last ATTACH_TAIL bytes of each live session's output.
+# Only when someone attaches (or a watcher fell behind) is that tail rendered
+# through pyte into the current screen; nobody pays for terminal emulation
+# while no one is attached.  Messages to the client (JSON lines): the reply
+# {"ok": true, "data": {... "screen": b64}}, then {"o": b64} output,
+# {"r": [rows, cols]} session resizes, {"screen": b64, "rows", "cols"} a
+# fresh screen (after a redraw request or when the client fell behind),
+# {"notice": text}, {"end": reason}.  From the client: {"i": b64} input,
+# {"redraw": true}, {"detach": true}.
+
+ATTACH_TAIL = 256 * 1024
+ATTACH_CLIENT_BYTES = 1 << 20     # output queued for a slow watcher before it gets a fresh screen
+ATTACH_INPUT_LOG = 4096           # characters of injected input kept in the audit event
+
+_PYTE_COLORS = {name: i for i, name in enumerate(
+    ("black", "red", "green", "brown", "blue", "magenta", "cyan", "white"))}
+
+
+def _sgr_color(name, base):
+    """SGR parameters for a pyte colour (a name or "rrggbb"); base 30 or 40."""
+    if name == "default":
+        return ""
+    bright = name.startswith("bright")
+    idx = _PYTE_COLORS.get(name[6:] if bright else name)
+    if idx is not None:
+        return ";%d" % (base + 60 + idx if bright else base + idx)
+    if len(name) == 6:
+        try:
+            r, g, b = bytes.fromhex(name)
+            return ";%d;2;%d;%d;%d" % (base + 8, r, g, b)
+        except ValueError:
+            pass
+    return ""
+
+
+def _sgr(ch):
+    return "\x1b[0%s%s%s%s%s%s%sm" % (
+        ";1" if ch.bold else "", ";3" if ch.italics else "", ";4" if ch.underscore else "",
+        ";5" if ch.blink else "", ";7" if ch.reverse else "",
+        _sgr_color(ch.fg, 30), _sgr_color(ch.bg, 40))
+
+
+def screen_lines(screen, top=0, left=0, rows=None, cols=None):
+    """ANSI text of each line of a pyte screen's viewport (no positioning):
+    characters with their colours and attributes, trailing blanks dropped."""
+    rows = screen.lines if rows is None else rows
+    cols = screen.columns if cols is None else cols
+    default = _sgr(screen.default_char)
+    out = []
+    for y in range(top, min(top + rows, screen.lines)):
+        line = screen.buffer[y]
+        end = min(left + cols, screen.columns)
+        while end > left and line[end - 1].data in (" ", "") and \
+                _sgr(line[end - 1]) == default:
+            end -= 1
+        parts, cur = [], default
+        for x in range(left, end):
+            ch = line[x]
+            sgr = _sgr(ch)
+            if sgr != cur:
+                parts.append(sgr)
+                cur = sgr
+            parts.append(ch.data)
+        if cur != default:
+            parts.append("\x1b[0m")
+        out.append("".join(parts))
+    return out
+
+
+def render_screen(data, rows, cols):
+    """The screen `data` (a session's recent output) leaves on a terminal of
+    rows x cols, as ANSI text that redraws it on a terminal of that size:
+    clear, every line, then the cursor where the session has it."""
+    import pyte                   # vendored in the zipapp; only needed here
+    screen = pyte.Screen(max(cols, 1), max(rows, 1))
+    stream = pyte.ByteStream(screen)
+    stream.feed(data)
+    out = ["\x1b[0m\x1b[H\x1b[2J"]
+    for y, line in enumerate(screen_lines(screen)):
+        if line:
+            out.append("\x1b[%d;1H%s" % (y + 1, line))
+    out.append("\x1b[%d;%dH" % (screen.cursor.y + 1, screen.cursor.x + 1))
+    if screen.cursor.hidden:
+        out.append("\x1b[?25l")
+    return "".join(out)
+
+
+class OutputTail:
+    """The last ATTACH_TAIL bytes of a session's output, as whole chunks."""
+
+    def __init__(self, cap=ATTACH_TAIL):
+        self.cap = cap
+        self.chunks = collections.deque()
+        self.size = 0
+        self.cut = False
+
+    def add(self, data):
+        self.chunks.append(data)
+        self.size += len(data)
+        while self.size - len(self.chunks[0]) >= self.cap:
+            self.size -= len(self.chunks.popleft())
+            self.cut = True
+
+    def snapshot(self):
+        data = b"".join(self.chunks)
+        if self.cut:              # start at a line, not inside a sequence or a character
+            nl = data.find(b"\n")
+            data = data[nl + 1:] if 0 <= nl < len(data) // 2 else data
+        return data
+
+
+class AttachClient:
+    """What goes to one attached watcher: a bounded queue filled by the
+    capture thread (never blocking it); past ATTACH_CLIENT_BYTES of output
+    the queue is dropped and the watcher gets a fresh screen instead."""
+
+    def __init__(self, limit=ATTACH_CLIENT_BYTES):
+        self.cond = threading.Condition()
+        self.items = collections.deque()
+        self.bytes = 0
+        self.limit = limit
+        self.resync = False
+        self.done = False
+
+    def put(self, item):
+        with self.cond:
+            if item[0] == "o":
+                if self.resync:
+                    return
+                if self.bytes + len(item[1]) > self.limit:
+                    self.resync = True
+                    self.items = collections.deque(i for i in self.items if i[0] != "o")
+                    self.bytes = 0
+                    self.cond.notify()
+                    return
+                self.bytes += len(item[1])
+            self.items.append(item)
+            self.cond.notify()
+
+    def take(self, timeout):
+        """Queued items (output coalesced into one), or [] after `timeout`."""
+        with self.cond:
+            if not self.items and not self.resync and not self.done:
+                self.cond.wait(timeout)
+            items, self.items, self.bytes = list(self.items), collections.deque(), 0
+            return items
+
+    def finish(self):
+        with self.cond:
+            self.done = True
+            self.cond.notify()
+
+
+class AttachHub:
+    """Tails of live sessions and the watchers attached to them.  on_event
+    runs on the capture thread; the rest on API threads."""
+
+    def __init__(self, tail=ATTACH_TAIL):
+        self.tail_cap = tail
+        self.lock = threading.Lock()
+        self.tails = {}               # ptm_pid -> OutputTail
+        self.sizes = {}               # ptm_pid -> (rows, cols)
+        self.clients = {}             # ptm_pid -> [AttachClient]
+
+    def on_event(self, ev):
+        t = ev.type
+        if t == "terminal_update":
+            if not ev.raw:
+                return
+            with self.lock:
+                tail = self.tails.get(ev.ptm_pid)
+                if tail is None:
+                    tail = self.tails[ev.ptm_pid] = OutputTail(self.tail_cap)
+                tail.add(ev.raw)
+                for c in self.clients.get(ev.ptm_pid, ()):
+                    c.put(("o", ev.raw))
+        elif t == "terminal_resize" or (t == "connection_established" and ev.rows):
+            with self.lock:
+                self.sizes[ev.ptm_pid] = (ev.rows, ev.cols)
+                if t == "terminal_resize":
+                    for c in self.clients.get(ev.ptm_pid, ()):
+                        c.put(("r", ev.rows, ev.cols))
+        elif t == "connection_close":
+            with self.lock:
+                self.tails.pop(ev.ptm_pid, None)
+                self.sizes.pop(ev.ptm_pid, None)
+                for c in self.clients.pop(ev.ptm_pid, ()):
+                    c.put(("end", "the session ended"))
+
+    def subscribe(self, ptm, client, rows, cols):
+        """Register `client` and return (output so far, rows, cols), taken
+        together so that no byte is missed or shown twice."""
+        with self.lock:
+            self.clients.setdefault(ptm, []).append(client)
+            return self._snapshot(ptm, rows, cols)
+
+    def _snapshot(self, ptm, rows, cols):
+        tail = self.tails.get(ptm)
+        rows, cols = self.sizes.get(ptm, (rows, cols))
+        return (tail.snapshot() if tail else b""), rows or 24, cols or 80
+
+    def resync(self, ptm, client, rows, cols):
+        """A fresh snapshot for a client that fell behind or asked to redraw:
+        queued output is in the snapshot already and is dropped."""
+        with self.lock:
+            with client.cond:
+                client.items = collections.deque(i for i in client.items if i[0] == "end")
+                client.bytes = 0
+                client.resync = False
+            return self._snapshot(ptm, rows, cols)
+
+    def unsubscribe(self, ptm, client):
+        with self.lock:
+            left = [c for c in self.clients.get(ptm, ()) if c is not client]
+            if left:
+                self.clients[ptm] = left
+            else:
+                self.clients.pop(ptm, None)
+
+    def close(self):
+        with self.lock:
+            for clients in self.clients.values():
+                for c in clients:
+                    c.put(("end", "the sshlog daemon is stopping"))
+            self.clients.clear()
+
+
+# -- the session's pty master, from outside: input and kill --
+
+SYS_PIDFD_OPEN = 434              # the same number on every Linux architecture
+SYS_PIDFD_GETFD = 438
+TIOCSTI = 0x5412
+
+
+def proc_tty_nr(pid, proc=PROC):
+    """Controlling tty of `pid` as N of /dev/pts/N, or -1."""
+    text = read_text("%s/%d/stat" % (proc, pid))
+    try:
+        nr = int(text[text.rindex(")") + 2:].split()[4])
+    except (AttributeError, ValueError, IndexError):
+        return -1
+    major, minor = (nr >> 8) & 0xFFF, (nr & 0xFF) | ((nr >> 12) & 0xFFF00)
+    return (major - 136) * 256 + minor if 136 <= major <= 143 else -1
+
+
+def in_session(pid, s, proc=PROC):
+    """True when process `pid` runs inside session `s`: a descendant of its
+    sshd, or with its terminal as controlling tty."""
+    if s.tty >= 0 and proc_tty_nr(pid, proc) == s.tty:
+        return True
+    seen = 0
+    while pid > 1 and seen < 4096:
+        if pid == s.ptm_pid:
+            return True
+        pid = proc_ppid_comm(pid, proc)[0] or 0
+        seen += 1
+    return False
+
+
+def session_sshd_children(s, proc=PROC):
+    """Live sshd processes whose parent is the session's monitor."""
+    found = []
+    for name in os.listdir(proc):
+        if name.isdigit():
+            ppid, comm = proc_ppid_comm(int(name), proc)
+            if ppid == s.ptm_pid and comm and comm.startswith("sshd"):
+                found.append(int(name))
+    return sorted(found)
+
+
+def find_pty_master(s, proc=PROC):
+    """(pid, fd) of a pty master of session `s` held by its sshd: the fd the
+    post-auth sshd reads (known from the capture), else any sshd of the
+    session whose fdinfo says `tty-index: N`.  None when there is none."""
+    candidates = []
+    if s.tty_pid > 1 and s.tty_fd >= 0:
+        candidates.append((s.tty_pid, [str(s.tty_fd)]))
+    for pid in session_sshd_children(s, proc) + [s.ptm_pid]:
+        try:
+            candidates.append((pid, os.listdir("%s/%d/fdinfo" % (proc, pid))))
+        except OSError:
+            continue
+    for pid, fds in candidates:
+        ppid, comm = proc_ppid_comm(pid, proc)
+        if not comm or not comm.startswith("sshd") or (pid != s.ptm_pid and ppid != s.ptm_pid):
+            continue
+        for fd in fds:
+            info = read_text("%s/%d/fdinfo/%s" % (proc, pid, fd), "")
+            m = re.search(r"^tty-index:\s*(\d+)", info, re.M)
+            if m and int(m.group(1)) == s.tty:
+                return pid, int(fd)
+    return None
+
+
+_libc = None
+
+
+def pidfd_getfd(pid, fd):
+    """A duplicate, in this process, of file descriptor `fd` of process
+    `pid` (pidfd_open + pidfd_getfd, Linux >= 5.6; needs ptrace rights)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if pidfd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "pidfd_open(%d): %s" % (pid, os.strerror(e)))
+    try:
+        dup = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd),
+                            ctypes.c_uint(0))
+        if dup < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, "pidfd_getfd(%d, %d): %s" % (pid, fd, os.strerror(e)))
+        return dup
+    finally:
+        os.close(pidfd)
+
+
+class SessionInput:
+    """Typing into a session as if at its keyboard: writes to the pty master
+    sshd holds (a copy of its fd through pidfd_getfd), so any byte, UTF-8
+    included, arrives whole and the tty's own echo shows it; TIOCSTI on the
+    slave, one byte at a time, only when that is impossible."""
+
+    WRITE_WAIT = 5.0              # seconds a full pty input queue may hold us
+
+    def __init__(self, s, proc=PROC, dev="/dev/pts"):
+        self.s, self.proc, self.dev = s, proc, dev
+        self.fd = None
+        self.how = None
+
+    def open(self):
+        if self.fd is not None:
+            return
+        found = find_pty_master(self.s, self.proc)
+        if found:
+            try:
+                self.fd, self.how = pidfd_getfd(*found), "pty master of sshd %d" % found[0]
+                return
+            except OSError as e:
+                log.warning("attach: %s; falling back to TIOCSTI", e)
+        self.fd = os.open("%s/%d" % (self.dev, self.s.tty),
+                          os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
+        self.how = "TIOCSTI"
+
+    def echo_off(self):
+        """Whether the session's terminal has ECHO off (TCGETS on a pty master
+        reports the slave's settings)."""
+        import termios
+        try:
+            return not termios.tcgetattr(self.fd)[3] & termios.ECHO
+        except (termios.error, OSError, TypeError):
+            return True
+
+    def write(self, data):
+        self.open()
+        if self.how == "TIOCSTI":
+            for i in range(len(data)):
+                fcntl.ioctl(self.fd, TIOCSTI, data[i:i + 1])
+            return
+        # the master is sshd's, non-blocking: wait while the pty's input queue is full
+        deadline = time.monotonic() + self.WRITE_WAIT
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(errno.EAGAIN, "the session does not read its input")
+                select.select([], [self.fd], [], 0.1)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def proc_alive(pid, proc=PROC):
+    """True while `pid` exists and is not a zombie."""
+    text = read_text("%s/%d/stat" % (proc, pid))
+    try:
+        return text[text.rindex(")") + 2:].split()[0] not in ("Z", "X")
+    except (AttributeError, ValueError, IndexError):
+        return False
+
+
+def kill_session(s, tracker, proc=PROC, wait=3.0, before=None):
+    """End session `s`: SIGTERM to its post-auth sshd (the connection then
+    closes and the shell gets SIGHUP from its terminal), then to the
+    monitor if it is still there.  Every pid is checked first (> 1, an sshd,
+    the monitor's start time matches the session id, the child's parent is
+    the monitor): an unknown pid is never signalled.  `before()` runs once
+    the checks pass, before any signal.  Returns what was done."""
+    ptm = s.ptm_pid
+    if ptm <= 1 or tracker.session_id(ptm, -1) != s.session_id or \
+            not (proc_ppid_comm(ptm, proc)[1] or "").startswith("sshd"):
+        raise SshlogError("session %s: its sshd (pid %d) cannot be verified; nothing signalled"
+                          % (s.session_id, ptm))
+    if before is not None:
+        before()
+    done = []
+    for pid in session_sshd_children(s, proc):
+        if pid > 1:
+            os.kill(pid, signal.SIGTERM)
+            done.append("SIGTERM to sshd %d" % pid)
+    deadline = time.monotonic() + (wait if done else 0)
+    while time.monotonic() < deadline and proc_alive(ptm, proc):
+        time.sleep(0.05)
+    if proc_alive(ptm, proc) and tracker.session_id(ptm, -1) == s.session_id:
+        os.kill(ptm, signal.SIGTERM)
+        done.append("SIGTERM to the monitor %d" % ptm)
+    return done
+
+
 class ApiHandler(socketserver.StreamRequestHandler):
     def handle(self):
         daemon = self.server.daemon_ref
@@ -3063,6 +4107,10 @@ class ApiHandler(socketserver.StreamRequestHandler):
             elif cmd == "watch":
                 types = req.get("types") or WATCH_DEFAULT_TYPES
                 self._watch(daemon, [t for t in types if t in EVENT_TYPES])
+            elif cmd == "attach":
+                self._attach(daemon, req)
+            elif cmd == "kill":
+                self._kill(daemon, req)
             else:
                 self._send({"ok": False, "error": "unknown command %r" % cmd})
         except (BrokenPipeError, ConnectionResetError):
@@ -3094,9 +4142,166 @@ class ApiHandler(socketserver.StreamRequestHandler):
         finally:
             daemon.remove_watcher(watcher)
 
+    # -- attach and kill --
+
+    def _session_for(self, daemon, req):
+        try:
+            tty = int(req.get("tty"))
+        except (TypeError, ValueError):
+            self._send({"ok": False, "error": "bad request: `tty` must be a number"})
+            return None
+        s = daemon.tracker.session_by_tty(tty)
+        if s is None:
+            self._send({"ok": False, "error": "no session on tty %d" % tty})
+        return s
+
+    def _audit(self, daemon, s, action, creds, **fields):
+        pid, uid, _gid = creds
+        daemon.audit(SessionAttach(action=action, admin_uid=uid, admin_pid=pid,
+                                   admin_name=passwd_name(uid), **dict(
+                                       daemon.tracker._base(s, time.time()), **fields)))
+
+    def _kill(self, daemon, req):
+        creds = peer_creds(self.connection)
+        if creds[1] != 0:
+            self._send({"ok": False, "error": "permission denied: only root may kill a session"})
+            return
+        s = self._session_for(daemon, req)
+        if s is None:
+            return
+        try:
+            done = kill_session(s, daemon.tracker, daemon.proc,
+                                before=lambda: self._audit(daemon, s, "kill", creds))
+        except (SshlogError, OSError) as e:
+            self._audit(daemon, s, "kill", creds, detail_text="failed: %s" % e)
+            self._send({"ok": False, "error": "kill failed: %s" % e})
+            return
+        self._send({"ok": True, "data": {"tty": s.tty, "ptm_pid": s.ptm_pid,
+                                         "username": s.username, "done": done}})
+
+    def _attach(self, daemon, req):
+        creds = peer_creds(self.connection)
+        peer_pid, uid, _gid = creds
+        s = self._session_for(daemon, req)
+        if s is None:
+            return
+        if in_session(peer_pid, s, daemon.proc):
+            self._send({"ok": False, "error": "refusing to attach to your own session "
+                                              "(tty %d)" % s.tty})
+            return
+        why = None
+        if not req.get("readonly"):
+            if not daemon.inject:
+                why = "the daemon runs without --enable-session-injection"
+            elif uid != 0:
+                why = "only root may type into a session"
+        readonly = bool(req.get("readonly")) or why is not None
+        hub, client, typing = daemon.attach_hub, AttachClient(), None
+        data, rows, cols = hub.subscribe(s.ptm_pid, client, s.rows, s.cols)
+        try:
+            screen = render_screen(data, rows, cols)
+            self._send({"ok": True, "data": {
+                "tty": s.tty, "ptm_pid": s.ptm_pid, "session_id": s.session_id,
+                "username": s.username, "client_ip": s.client_ip, "client_port": s.client_port,
+                "rows": rows, "cols": cols, "readonly": readonly, "why_readonly": why,
+                "screen": base64.b64encode(screen.encode()).decode()}})
+            self._audit(daemon, s, "attach", creds, readonly=readonly)
+            if not readonly:
+                typing = SessionInput(s, daemon.proc)
+            threading.Thread(target=self._attach_input, name="attach-input", daemon=True,
+                             args=(daemon, s, client, typing, creds)).start()
+            self._attach_output(daemon, s, client, rows, cols)
+        finally:
+            hub.unsubscribe(s.ptm_pid, client)
+            client.finish()
+            if typing is not None:
+                typing.close()
+            self._audit(daemon, s, "detach", creds, readonly=readonly)
+
+    def _attach_output(self, daemon, s, client, rows, cols):
+        while not daemon.stopping.is_set():
+            items = client.take(0.5)
+            out = []
+            for item in items:
+                if item[0] == "o":
+                    out.append(item[1])
+                    continue
+                if out:
+                    self._send({"o": base64.b64encode(b"".join(out)).decode()})
+                    out = []
+                if item[0] == "r":
+                    rows, cols = item[1], item[2]
+                    self._send({"r": [rows, cols]})
+                elif item[0] == "notice":
+                    self._send({"notice": item[1]})
+                elif item[0] == "end":
+                    self._send({"end": item[1]})
+                    return
+            if out:
+                self._send({"o": base64.b64encode(b"".join(out)).decode()})
+            if client.resync:
+                data, rows, cols = daemon.attach_hub.resync(s.ptm_pid, client, rows, cols)
+                self._send({"screen": base64.b64encode(render_screen(data, rows, cols)
+                                                       .encode()).decode(),
+                            "rows": rows, "cols": cols})
+            if client.done:
+                return
+        self._send({"end": "the sshlog daemon is stopping"})
+
+    def _attach_input(self, daemon, s, client, typing, creds):
+        """The watcher's messages: keys to type, redraw, detach (or EOF)."""
+        told = False
+        try:
+            while not client.done:
+                line = self.rfile.readline(1 << 20)
+                if not line:
+                    break
+                try:
+                    msg = json.loads(line)
+                    if not isinstance(msg, dict):
+                        continue
+                    keys = base64.b64decode(msg["i"], validate=True) if "i" in msg else b""
+                except (ValueError, TypeError, binascii.Error):
+                    continue
+                if msg.get("detach"):
+                    break
+                if msg.get("redraw"):
+                    with client.cond:
+                        client.resync = True
+                        client.cond.notify()
+                if not keys:
+                    continue
+                if typing is None:
+                    if not told:
+                        client.put(("notice", "read-only: what you type is not sent"))
+                        told = True
+                    continue
+                try:
+                    typing.open()
+                    hidden = typing.echo_off()
+                    typing.write(keys)
+                except OSError as e:
+                    client.put(("notice", "input not delivered: %s" % e))
+                    continue
+                self._audit(daemon, s, "input", creds, readonly=False, data_len=len(keys),
+                            input_data="" if hidden else decode_bytes(keys)[:ATTACH_INPUT_LOG],
+                            detail_text="via %s%s" % (typing.how, ", terminal echo off: "
+                                                      "input not logged" if hidden else ""))
+        except (OSError, ValueError):
+            pass
+        finally:
+            client.finish()
+
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+
+
+def config_wants_input(config):
+    """Whether a sessionlog action of `config` records keystrokes (which
+    compiles the input capture into the BPF programs)."""
+    return any(plugin == "sessionlog_action" and params.get("capture_input")
+               for plugin, params, _src in config.actions.values())
 
 
 class Daemon:
@@ -3106,8 +4311,15 @@ class Daemon:
     IDLE_TICK = 0.1
 
     def __init__(self, config_dir=None, socket_path=SOCKET_PATH, debug=False,
-                 default_config_dir=CONF_DIR, proc=PROC, plugin_dirs=None):
+                 default_config_dir=CONF_DIR, proc=PROC, plugin_dirs=None,
+                 argv_cap=ARGV_CAP, stdout_cap=STDOUT_CAP, inject=False):
         self.config_dir = config_dir
+        self.inject = inject                # attach may type into sessions
+        self.capture_input = False          # compiled in: a sessionlog action wants keystrokes
+        self.attach_hub = AttachHub()
+        self.api_events = collections.deque(maxlen=10000)   # audit events from API threads
+        self.argv_cap, self.stdout_cap = argv_cap, stdout_cap
+        self.rec_exec = make_rec_exec(argv_cap)
         self.plugin_dirs = plugin_dirs      # None: plugin_dirs(config_dir)
         self.default_config_dir = default_config_dir
         self.socket_path = socket_path
@@ -3124,7 +4336,7 @@ class Daemon:
         self.server = None
         self.probes = None
         self.pipeline = None
-        self.tracker = Tracker(proc=proc)
+        self.tracker = Tracker(proc=proc, stdout_cap=stdout_cap)
 
     # -- set-up --
 
@@ -3189,7 +4401,10 @@ class Daemon:
                 "watchers": len(self.watchers),
                 "watch_dropped": sum(w.dropped for w in self.watchers),
                 "sessions": len(self.tracker.sessions()),
-                "config_files": self.pipeline.config.files if self.pipeline else []}
+                "config_files": self.pipeline.config.files if self.pipeline else [],
+                "terminal_lost_bytes": self.tracker.tty_lost_bytes,
+                "attached": sum(len(c) for c in list(self.attach_hub.clients.values())),
+                "session_injection": self.inject, "input_capture": self.capture_input}
 
     # -- the loop --
 
@@ -3202,7 +4417,9 @@ class Daemon:
         config = load_config(self.config_dir, self.default_config_dir)
         for w in config.warnings:
             log.warning("%s", w)
-        plan = probe_plan()
+        self.capture_input = config_wants_input(config)
+        plan = probe_plan(argv_cap=self.argv_cap, stdout_cap=self.stdout_cap,
+                          capture_input=self.capture_input)
         self.probes = Probes(plan, debug=self.debug)
         self.pipeline = Pipeline(config)
         self.start_api()
@@ -3245,18 +4462,24 @@ class Daemon:
         except Exception as e:              # includes an action that cannot start
             log.error("reload refused: %s", e)
             return
+        if config_wants_input(config) != self.capture_input:
+            log.warning("keystroke capture (sessionlog_action capture_input) is compiled into "
+                        "the BPF programs at start: restart the daemon to turn it %s",
+                        "off" if self.capture_input else "on")
         old, self.pipeline = self.pipeline, new
         # the old actions finish their queues aside: a slow sink never holds up capture
         threading.Thread(target=old.stop, name="old-pipeline", daemon=True).start()
         log.info("configuration reloaded: %s", ", ".join(config.files))
 
     def loop(self):
-        handle, decode = self.tracker.handle, decode_record
+        handle, rec_exec = self.tracker.handle, self.rec_exec
         while not self.stopping.is_set():
+            while self.api_events:          # attach/kill audit events, before new records
+                self.publish(self.api_events.popleft())
             batch = self.probes.drain()
             for raw in batch:
                 try:
-                    rec = decode(raw)
+                    rec = decode_record(raw, rec_exec)
                 except ValueError as e:
                     self.decode_errors += 1
                     if self.decode_errors in (1, 100) or self.decode_errors % 10000 == 0:
@@ -3271,9 +4494,15 @@ class Daemon:
     def publish(self, event):
         self.counts[event.type] += 1
         self.pipeline.dispatch(event)
+        self.attach_hub.on_event(event)
         for w in self.watchers:
             if event.type in w.types:
                 w.offer(event)
+
+    def audit(self, event):
+        """An event from an API thread (attach, input, kill): published by
+        the capture thread, in order with the rest."""
+        self.api_events.append(event)
 
     def shutdown(self):
         self.stopping.set()
@@ -3281,13 +4510,16 @@ class Daemon:
             try:   # records already in the rings still reach the logs
                 for raw in self.probes.drain():
                     try:
-                        for ev in self.tracker.handle(decode_record(raw)):
+                        for ev in self.tracker.handle(decode_record(raw, self.rec_exec)):
                             self.publish(ev)
                     except ValueError:
                         self.decode_errors += 1
             finally:
                 self.probes.close()
+        self.attach_hub.close()
         if self.pipeline:
+            while self.api_events:
+                self.publish(self.api_events.popleft())
             self.pipeline.stop()
         if self.server:
             self.server.shutdown()
@@ -3562,19 +4794,41 @@ def order_log_files(paths):
     return out
 
 
-def configured_event_logs(config):
+def configured_event_logs(conf_dir=None, default_dir=CONF_DIR):
     """Paths of the event logs a configuration writes: the JSON ones when
-    there are any (they carry more and are cheaper to read), else the text
-    ones."""
+    there are any (they carry more), else the text ones.  Read from the YAML
+    directly, without validation or plugins, so that a report still works
+    when the configuration does not."""
+    import yaml
+    if conf_dir is not None and not os.path.isdir(conf_dir):
+        raise SshlogError("configuration directory %s does not exist" % conf_dir)
+    directory = conf_dir or (default_dir if os.path.isdir(default_dir) else None)
+    try:
+        sources = config_files(directory) if directory else \
+            [("<embedded>/conf.d/" + n, data) for n, data in embedded_config_files()]
+    except OSError as e:
+        raise SshlogError("cannot read the configuration: %s: %s" % (e.filename, e.strerror))
     logs = []
-    for _name, (plugin, params, _src) in config.actions.items():
-        if plugin == "eventlogfile_action":
-            entry = (params["log_file_path"], bool(params.get("output_json")))
-            if entry not in logs:
-                logs.append(entry)
+    for _path, data in sources:
+        try:
+            doc = yaml.safe_load(data)
+        except yaml.YAMLError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        entries = list(doc.get("actions") or []) if isinstance(doc.get("actions"), list) else []
+        for ev in doc.get("events") or [] if isinstance(doc.get("events"), list) else []:
+            if isinstance(ev, dict) and isinstance(ev.get("actions"), list):
+                entries += ev["actions"]
+        for a in entries:
+            if isinstance(a, dict) and a.get("plugin") == "eventlogfile_action" and \
+                    isinstance(a.get("log_file_path"), str):
+                entry = (a["log_file_path"], a.get("output_json") is True)
+                if entry not in logs:
+                    logs.append(entry)
     if not logs:
         raise SshlogError("the configuration (%s) writes no event log: name the log files "
-                          "on the command line" % ", ".join(config.files))
+                          "on the command line" % (directory or "embedded"))
     json_logs = [p for p, as_json in logs if as_json]
     return json_logs or [p for p, _ in logs]
 
@@ -3615,11 +4869,10 @@ class _SessionRow:
         self.codes = {}
 
     def result(self):
-        start = self.start if self.start is not None else self.first
+        start, end = self.start, self.end
         return {"session": self.key[1:], "user": self.user, "client_ip": self.ip,
-                "client_port": self.port, "start": start, "start_known": self.start is not None,
-                "end": self.end,
-                "duration_s": round(self.end - start, 3) if self.end is not None else None,
+                "client_port": self.port, "start": start, "first_seen": self.first, "end": end,
+                "duration_s": round(end - start, 3) if None not in (start, end) else None,
                 "commands": self.commands, "uploads": self.uploads,
                 "failed_commands": sum(self.codes.values()),
                 "exit_codes": {str(k): v for k, v in sorted(self.codes.items())}}
@@ -3743,6 +4996,8 @@ class EventReport:
                 self.open.pop(rec.session, None)
             if row is not None:
                 row.end = ts
+                if not row.ip:                    # the text form names it here
+                    row.ip, row.port = rec.ip, rec.port
                 self._done(row)
 
     def _privileged(self, rec, row, code):
@@ -3793,7 +5048,8 @@ class EventReport:
             self._done(row)
         self.open.clear()
         top = self.top
-        sessions = sorted(self.sessions, key=lambda s: (s["start"], s["session"]))
+        sessions = sorted(self.sessions, key=lambda s: (
+            s["first_seen"] if s["start"] is None else s["start"], s["session"]))
         return {
             "since": self.since, "until": self.until,
             "first_event": self.first if self.events else None,
@@ -3852,8 +5108,7 @@ def _session_table(r):
     rows = []
     for s in r["sessions"]:
         rows.append((s["user"] or "?", s["client_ip"] or "?",
-                     local_time(s["start"]) if s["start_known"] else
-                     "(before) " + local_time(s["start"]),
+                     local_time(s["start"]) if s["start"] is not None else "before period",
                      local_time(s["end"]) if s["end"] is not None else "open",
                      _duration(s["duration_s"]), s["commands"], s["uploads"],
                      _codes_text(s["exit_codes"])))
@@ -3924,7 +5179,8 @@ def render_report(r, fmt):
         data = dict(r)
         for k in ("since", "until", "first_event", "last_event"):
             data[k] = _rfc(data[k])
-        data["sessions"] = [dict(s, start=_rfc(s["start"]), end=_rfc(s["end"]))
+        data["sessions"] = [dict(s, start=_rfc(s["start"]), end=_rfc(s["end"]),
+                                 first_seen=_rfc(s["first_seen"]))
                             for s in r["sessions"]]
         data["privilege"] = [dict(x, time=_rfc(x["time"])) for x in r["privilege"]]
         data["uploads"] = [dict(x, time=_rfc(x["time"])) for x in r["uploads"]]
@@ -3956,8 +5212,8 @@ def render_report(r, fmt):
                 out.append("none")
         else:
             out.append(title + (" (%s)" % note if note else ""))
-            if rows:
-                out += ["  " + line for line in format_table(headers, rows).splitlines()]
+            out += ["  " + line for line in format_table(headers, rows).splitlines()] \
+                if rows else ["  none"]
     return "\n".join(out) + "\n"
 
 
@@ -4042,7 +5298,8 @@ def api_call(socket_path, request):
 def cmd_daemon(args):
     setup_logging(args.debug, args.log_file)
     daemon = Daemon(config_dir=args.config_dir, socket_path=args.socket, debug=args.debug,
-                    plugin_dirs=plugin_dirs(args.config_dir, args.plugin_dir))
+                    plugin_dirs=plugin_dirs(args.config_dir, args.plugin_dir),
+                    argv_cap=args.argv_cap, stdout_cap=args.stdout_cap)
     return daemon.run()
 
 
@@ -4207,13 +5464,214 @@ def cmd_report(args):
         files = order_log_files(args.logfiles)
     else:
         files = []
-        for path in configured_event_logs(load_config(args.config_dir)):
+        for path in configured_event_logs(args.config_dir, CONF_DIR):
             files += event_log_rotations(path)
     report = EventReport(since, until, users=args.user, top=args.top)
     for path in files:
         report.read(path)
     sys.stdout.write(render_report(report.result(), args.format))
     sys.stdout.flush()
+    return 0
+
+
+SYSTEMD_UNIT_TEXT = """\
+# Written by `sshlog install`; `sshlog uninstall` removes it.  Local changes:
+# `systemctl edit sshlog` (a drop-in survives reinstalls).
+[Unit]
+Description=sshlog: record and watch OpenSSH sessions through eBPF
+After=network.target ssh.service sshd.service
+
+[Service]
+Type=simple
+ExecStart={bin} daemon
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=5
+TimeoutStopSec=30
+LimitMEMLOCK=infinity
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def running_zipapp(here=HERE):
+    """The zipapp this program runs from (what `install` copies)."""
+    import zipfile
+    if os.path.isfile(here) and zipfile.is_zipfile(here):
+        return here
+    raise SshlogError("install copies the sshlog.pyz zipapp: build it with `make` and run "
+                      "`sudo ./sshlog.pyz install`")
+
+
+def _write_file(path, data, mode):
+    tmp = "%s.tmp%d" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def _read_manifest(path):
+    try:
+        with open(path) as f:
+            m = json.load(f)
+        return m if isinstance(m, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def install(source, bin_path=INSTALL_BIN, conf_dir=CONF_DIR, unit_path=SYSTEMD_UNIT,
+            systemd_dir=SYSTEMD_RUNNING, manifest=INSTALL_MANIFEST, group=SOCKET_GROUP,
+            log_dir=LOG_DIR, run=subprocess.run, say=print):
+    """Install the program at `source` as a service; never overwrite the
+    administrator's configuration.  Returns the manifest (what was created,
+    which `uninstall` removes)."""
+    m = _read_manifest(manifest)
+    m.setdefault("dirs", [])
+    m.setdefault("files", [])
+    m["bin"], m["unit"] = bin_path, unit_path
+    try:
+        with open(source, "rb") as f:
+            program = f.read()
+        old = None
+        if os.path.exists(bin_path):
+            with open(bin_path, "rb") as f:
+                old = f.read()
+        if old == program:
+            say("%s: already this version" % bin_path)
+        else:
+            os.makedirs(os.path.dirname(bin_path), mode=0o755, exist_ok=True)
+            _write_file(bin_path, program, 0o755)
+            say("%s: %s" % (bin_path, "updated" if old is not None else "installed"))
+        for d in (conf_dir, os.path.join(conf_dir, "conf.d"), os.path.join(conf_dir, "plugins"),
+                  os.path.join(conf_dir, "samples")):
+            if not os.path.isdir(d):
+                os.makedirs(d, mode=0o755)
+                m["dirs"].append(d)
+                say("%s/: created" % d)
+        confd = os.path.join(conf_dir, "conf.d")
+        if any(n.endswith((".yaml", ".yml")) for n in os.listdir(confd)):
+            say("%s/: has a configuration already, kept as it is" % confd)
+        else:
+            for name, data in embedded_config_files("conf.d"):
+                path = os.path.join(confd, name)
+                _write_file(path, data, 0o644)
+                m["files"].append(path)
+                say("%s: default configuration" % path)
+        try:
+            samples = embedded_config_files("samples")
+        except OSError:
+            samples = []
+        added = 0
+        for name, data in samples:
+            path = os.path.join(conf_dir, "samples", name)
+            if os.path.exists(path):
+                continue                      # the administrator's copy wins
+            _write_file(path, data, 0o644)
+            m["files"].append(path)
+            added += 1
+        if samples:
+            say("%s/: %d sample(s) added, %d kept" % (os.path.join(conf_dir, "samples"), added,
+                                                     len(samples) - added))
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            r = run(["groupadd", "--system", group], stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT)
+            if r.returncode != 0:
+                raise SshlogError("groupadd %s failed: %s" % (
+                    group, (r.stdout or b"").decode(errors="replace").strip()))
+            m["group_created"] = group
+            say("group %s: created (its members may use `sshlog watch`, `sessions`)" % group)
+        unit = SYSTEMD_UNIT_TEXT.format(bin=bin_path).encode()
+        os.makedirs(os.path.dirname(unit_path), mode=0o755, exist_ok=True)
+        if not os.path.exists(unit_path) or open(unit_path, "rb").read() != unit:
+            _write_file(unit_path, unit, 0o644)
+            say("%s: written" % unit_path)
+        os.makedirs(os.path.dirname(manifest), mode=0o755, exist_ok=True)
+        m["dirs"] = sorted(set(m["dirs"]))
+        m["files"] = sorted(set(m["files"]))
+        _write_file(manifest, (json.dumps(m, indent=2, sort_keys=True) + "\n").encode(), 0o644)
+    except OSError as e:
+        raise SshlogError("install: %s: %s" % (e.filename or bin_path, e.strerror or e))
+    if os.path.isdir(systemd_dir):
+        unit_name = os.path.basename(unit_path)
+        for argv in (["systemctl", "daemon-reload"], ["systemctl", "enable", unit_name],
+                     ["systemctl", "restart", unit_name]):
+            r = run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            if r.returncode != 0:
+                raise SshlogError("%s failed: %s" % (" ".join(argv), (
+                    r.stdout or b"").decode(errors="replace").strip()))
+        say("service %s: enabled and started (`systemctl status %s`)" % (unit_name, unit_name))
+    else:
+        say("systemd is not running here (no %s): the unit is in place for when it is.\n"
+            "Start the daemon by hand:\n"
+            "  sudo %s daemon --log-file %s/daemon.log &"
+            % (systemd_dir, bin_path, log_dir))
+    return m
+
+
+def uninstall(bin_path=INSTALL_BIN, conf_dir=CONF_DIR, unit_path=SYSTEMD_UNIT,
+              systemd_dir=SYSTEMD_RUNNING, manifest=INSTALL_MANIFEST, log_dir=LOG_DIR,
+              purge=False, run=subprocess.run, say=print):
+    """Remove what `install` created; the configuration and the logs stay
+    unless `purge`."""
+    m = _read_manifest(manifest)
+    bin_path, unit_path = m.get("bin", bin_path), m.get("unit", unit_path)
+    unit_name = os.path.basename(unit_path)
+    if os.path.isdir(systemd_dir):
+        run(["systemctl", "disable", "--now", unit_name], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
+    try:
+        for path in (unit_path, bin_path):
+            if os.path.lexists(path):
+                os.unlink(path)
+                say("%s: removed" % path)
+        if os.path.isdir(systemd_dir):
+            run(["systemctl", "daemon-reload"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        group = m.get("group_created")
+        if group:
+            r = run(["groupdel", group], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            say("group %s: %s" % (group, "removed" if r.returncode == 0 else "kept (%s)" % (
+                (r.stdout or b"").decode(errors="replace").strip())))
+        if purge:
+            for d in (conf_dir, log_dir):
+                if os.path.isdir(d):
+                    shutil.rmtree(d)
+                    say("%s/: removed" % d)
+        else:
+            kept = [d for d in (conf_dir, log_dir) if os.path.isdir(d)]
+            if kept:
+                say("kept %s (`uninstall --purge` removes them)" % " and ".join(kept))
+        if os.path.exists(manifest):
+            os.unlink(manifest)
+            try:
+                os.rmdir(os.path.dirname(manifest))
+            except OSError:
+                pass
+    except OSError as e:
+        raise SshlogError("uninstall: %s: %s" % (e.filename or bin_path, e.strerror or e))
+    if not os.path.isdir(systemd_dir):
+        say("a daemon started by hand keeps running: stop it with SIGTERM")
+    return m
+
+
+def cmd_install(args):
+    if os.geteuid() != 0:
+        raise SshlogError("install needs root: sudo ./sshlog.pyz install")
+    bin_path = os.path.join(args.prefix, "bin", "sshlog") if args.prefix else INSTALL_BIN
+    install(running_zipapp(), bin_path, CONF_DIR, SYSTEMD_UNIT, SYSTEMD_RUNNING,
+            INSTALL_MANIFEST, SOCKET_GROUP, LOG_DIR)
+    return 0
+
+
+def cmd_uninstall(args):
+    if os.geteuid() != 0:
+        raise SshlogError("uninstall needs root: sudo sshlog uninstall")
+    bin_path = os.path.join(args.prefix, "bin", "sshlog") if args.prefix else INSTALL_BIN
+    uninstall(bin_path, CONF_DIR, SYSTEMD_UNIT, SYSTEMD_RUNNING, INSTALL_MANIFEST, LOG_DIR,
+              purge=args.purge)
     return 0
 
 
@@ -4259,6 +5717,10 @@ def build_parser():
     d.add_argument("--plugin-dir", action="append", metavar="DIR",
                    help="load plugins from DIR too (repeatable; always: the configuration "
                         "directory's plugins/, default %s)" % PLUGIN_DIR)
+    d.add_argument("--argv-cap", type=int, default=ARGV_CAP, metavar="BYTES",
+                   help="argv bytes kept per command, a power of two (default %d)" % ARGV_CAP)
+    d.add_argument("--stdout-cap", type=int, default=STDOUT_CAP, metavar="BYTES",
+                   help="first output bytes kept per command (default %d)" % STDOUT_CAP)
     d.add_argument("--debug", action="store_true")
     d.set_defaults(func=cmd_daemon)
     w = client("watch", "print events as they happen")
@@ -4298,6 +5760,18 @@ def build_parser():
                     help="rows in the top tables (default %d)" % REPORT_TOP)
     rp.add_argument("--config-dir", help="configuration naming the event logs")
     rp.set_defaults(func=cmd_report)
+    ins = sub.add_parser("install", help="install as a service (root)",
+                         description="Copy this zipapp to %s (or PREFIX/bin/sshlog), create "
+                         "%s/{conf.d,plugins,samples} (existing files are kept), the group %s "
+                         "and a systemd unit, enabled where systemd runs."
+                         % (INSTALL_BIN, CONF_DIR, SOCKET_GROUP))
+    ins.add_argument("--prefix", help="install the program as PREFIX/bin/sshlog")
+    ins.set_defaults(func=cmd_install)
+    uni = sub.add_parser("uninstall", help="remove what install created (root)")
+    uni.add_argument("--prefix", help="as given to install")
+    uni.add_argument("--purge", action="store_true",
+                     help="also remove %s and %s" % (CONF_DIR, LOG_DIR))
+    uni.set_defaults(func=cmd_uninstall)
     sub.add_parser("dump-probes", help="print the BPF C text and flags").set_defaults(
         func=cmd_dump_probes)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
