@@ -217,11 +217,14 @@ def test_watch_with_malformed_types_is_a_bad_request(api):
     assert one_reply(api.path, {"cmd": "watch", "types": 5})["ok"] is False
 
 
-def test_permission_denied_reply(api, monkeypatch, capsys):
+def test_permission_denied_reply(api, monkeypatch):
     monkeypatch.setattr(sshlog, "peer_allowed", lambda sock: False)
-    s, f = ask(api.path, {"cmd": "sessions"})
-    with s, f:      # answered before the request is read: only the first line is sure
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(api.path)
+    with s, s.makefile("rb") as f:      # refused before any request is read
         reply = json.loads(f.readline())
+        assert f.readline() == b""
     assert reply == {"ok": False, "error": "permission denied: root or group sshlog only"}
 
 

@@ -80,7 +80,8 @@ OFFSETS = [
     (sshlog.RecExit, "status", 24), (sshlog.RecExit, "flags", 28),
     (sshlog.RecU32, "value", 24), (sshlog.RecU32, "fd", 28),
     (sshlog.RecWinsz, "rows", 24), (sshlog.RecWinsz, "cols", 26), (sshlog.RecWinsz, "fd", 28),
-    (sshlog.RecDataHead, "fd", 24), (sshlog.RecDataHead, "lost", 28),
+    (sshlog.RecDataHead, "fd", 24),
+    (sshlog.RecDataHead, sshlog.RecDataHead._fields_[2][0], 28),   # pad, now `lost`
     (sshlog.RecUploadOpen, "fd", 24), (sshlog.RecUploadOpen, "mode", 32),
     (sshlog.RecUploadOpen, "path", 40),                  # 24 + 4 x 4
     (sshlog.RecUploadClose, "fd", 24), (sshlog.RecUploadClose, "bytes", 32),
