@@ -6,6 +6,7 @@
 #   make test-unit    unit tier only (no root)
 #   sudo make test-root   root tier only
 #   make bench        tests/bench.py under the distro python
+#   make readme       regenerate README's configuration reference from the schemas
 #   sudo make run     deps, sshlog.pyz, then the daemon in the foreground
 #   make clean        remove build outputs (keeps the download cache); distclean: all of build/
 
@@ -70,7 +71,7 @@ export SOURCE_DATE_EPOCH
 .DEFAULT_GOAL := all
 .DELETE_ON_ERROR:
 .NOTPARALLEL:
-.PHONY: all vendor pyz deps test test-unit test-root bench run clean distclean
+.PHONY: all vendor pyz deps test test-unit test-root bench run clean distclean readme
 
 all: $(PYZ)
 pyz: $(PYZ)
@@ -243,6 +244,24 @@ test-root: deps $(PYZ)
 
 bench:
 	/usr/bin/python3 tests/bench.py
+
+# README's "Configuration reference" is generated from the schemas (a unit test compares).
+define README_REFERENCE
+import sys
+sys.path[:0] = [".", "$(VENDOR)"]
+import sshlog
+text = open("README.md").read()
+begin, end = "<!-- reference:begin -->\n", "<!-- reference:end -->"
+i, j = text.index(begin) + len(begin), text.index(end)
+new = text[:i] + "\n" + sshlog.config_reference() + "\n" + text[j:]
+if new != text:
+    open("README.md", "w").write(new)
+    print("README.md: configuration reference updated")
+endef
+export README_REFERENCE
+
+readme:
+	$(PYTHON) -c "$$README_REFERENCE"
 
 run: deps $(PYZ)
 	$(PYZ_RUN) daemon

@@ -78,8 +78,12 @@ class Rsyslog:
 
     FIELDS = ["pri", "timestamp", "hostname", "app", "procid", "msgid", "input", "msg"]
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, json_parse=False):
+        """`json_parse`: also run README's fleet recipe -- mmjsonparse on sshlog's JSON
+        bodies, the parsed tree written to `parsed` (one JSON object per line)."""
         self.dir = str(workdir)
+        self.json_parse = json_parse
+        self.parsed = os.path.join(self.dir, "rsyslog.parsed")
         self.out = os.path.join(self.dir, "rsyslog.out")
         self.raw = os.path.join(self.dir, "rsyslog.raw")
         self.udp_port = free_port(socket.SOCK_DGRAM)
@@ -98,6 +102,16 @@ class Rsyslog:
             'ruleset(name="in") {',
             '  action(type="omfile" file="%s" template="fields")' % self.out,
             '  action(type="omfile" file="%s" template="raw")' % self.raw,
+        ]
+        if self.json_parse:
+            lines[3:3] = ['module(load="mmjsonparse")',
+                          'template(name="sshlog_json" type="list") '
+                          '{ property(name="$!all-json") constant(value="\\n") }']
+            lines += ['  if $app-name == "sshlog" then {',
+                      '    action(type="mmjsonparse" cookie="")',
+                      '    action(type="omfile" file="%s" template="sshlog_json")' % self.parsed,
+                      '  }']
+        lines += [
             '}',
             'input(type="imudp" address="127.0.0.1" port="%d" ruleset="in")' % self.udp_port,
             'input(type="imtcp" address="127.0.0.1" port="%d" ruleset="in" name="tcp")'
@@ -158,6 +172,13 @@ class Rsyslog:
             return []
         return [dict(zip(self.FIELDS, line.split("|", 7))) for line in lines
                 if line.count("|") >= 7]
+
+    def parsed_objects(self):
+        try:
+            with open(self.parsed, encoding="utf-8") as f:
+                return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
 
     def raw_lines(self):
         try:

@@ -161,6 +161,29 @@ def test_syslog_tcp_reconnects_after_server_restart(tmp_path):
         r.stop()
 
 
+def test_fleet_recipe_rsyslog_parses_the_json_body(tmp_path):
+    """README's fleet recipe: JSON bodies over TLS (or TCP), mmjsonparse with cookie="",
+    the event's fields as rsyslog's $! tree -- ready for omelasticsearch or Loki."""
+    if not os.path.exists(receivers.RSYSLOGD):
+        pytest.skip("rsyslogd is not installed")
+    r = receivers.Rsyslog(tmp_path, json_parse=True).start()
+    try:
+        transport = "tls" if r.tls_port else "tcp"
+        ev = event(sshlog.FileUpload, target_path="/home/alice/\u00e9t\u00e9 \"q\".tgz",
+                   bytes=1234, file_mode="0644")
+        run("syslog_action", [ev], server_address="127.0.0.1",
+            port=syslog_port(r, transport), transport=transport, output_json=True,
+            tls_ca_file=getattr(r, "cert", None))
+        assert receivers.wait_for(r.parsed_objects, 10), r.stderr()
+        obj = r.parsed_objects()[0]
+        assert obj["event_type"] == "file_upload" and obj["hostname"] == "web1"
+        assert obj["target_path"] == "/home/alice/\u00e9t\u00e9 \"q\".tgz"
+        assert obj["bytes"] == 1234 and obj["session_id"] == "0123456789abcdef"
+        assert obj["tcp_info"]["client_ip"] == "203.0.113.7"
+    finally:
+        r.stop()
+
+
 # -------------------------------------------------------------------------- statsd
 
 @pytest.mark.parametrize("style,expected", [
