@@ -9,10 +9,14 @@ by YAML configuration compatible with the original sshlog agent.
 
 USAGE:
     sshlog daemon [--config-dir DIR] [--plugin-dir DIR] [--socket PATH] [--log-file PATH]
-                  [--debug]
+                  [--enable-session-injection] [--debug]
     sshlog watch [--json] [--all]         print events as they happen
     sshlog sessions [--json]              list live sessions
     sshlog status [--json]                daemon counters (events, drops, queues)
+    sshlog attach TTY [--readonly]        a live session's screen, then its output;
+                                          Ctrl+Q detaches
+    sshlog kill TTY                       end a live session (root)
+    sshlog replay FILE [--speed X] [--idle-limit S] [--text]   play a .cast recording
     sshlog check-config [--config-dir DIR] [--plugin-dir DIR] [--explain]
     sshlog doctor                         check what the daemon needs
     sshlog report [--since 24h|7d|DATE|DATETIME|all] [--until WHEN] [--user U]
@@ -264,7 +268,7 @@ def parse_audit_fields(text):
         key, raw, quoted = m.group(1), m.group(2), m.group(3)
         if quoted is not None:
             fields[key] = quoted
-        elif key in ("acct", "exe", "hostname") and re.fullmatch(r"(?:[0-9A-Fa-f]{2})+", raw):
+        elif key in ("acct", "exe") and re.fullmatch(r"(?:[0-9A-Fa-f]{2})+", raw):
             fields[key] = bytes.fromhex(raw).decode("utf-8", "backslashreplace")
         else:
             fields[key] = raw
@@ -480,7 +484,7 @@ class SessionAttach(Event):
     admin_name: str = ""
     readonly: bool = True
     data_len: int = 0
-    input_data: str = ""          # what was typed ("" while the pty has ECHO off)
+    input_data: str = ""          # what was typed ("" at a password prompt: ECHO off, ICANON on)
     detail_text: str = ""         # e.g. which pids a kill signalled, or why it failed
     type = "session_attach"
 
@@ -647,7 +651,9 @@ def decode_record(raw, rec_exec=RecExec):
         off = rec_exec.argv.offset
         blob = bytes(raw[off:off + min(h.len, rec_exec.argv.size)])
         parts = blob.split(b"\0")
-        argv = tuple(decode_bytes(a) for a in parts[:r.argc])
+        # after the last NUL: nothing, or a string the cap cut (kept, flagged truncated)
+        kept = parts[:-1] + ([parts[-1]] if r.truncated and parts[-1] else [])
+        argv = tuple(decode_bytes(a) for a in kept[:r.argc])
         truncated = bool(r.truncated) or len(argv) < r.argc
         fname = decode_bytes(bytes(raw[rec_exec.fname.offset:rec_exec.fname.offset + FNAME_CAP])
                              .split(b"\0", 1)[0])
@@ -696,8 +702,11 @@ def btf_member_offset(struct_name, member, path=BTF_VMLINUX):
             data = f.read()
     except OSError:
         return None
-    magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
-        struct.unpack_from("<HBBIIIII", data, 0)
+    try:
+        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = \
+            struct.unpack_from("<HBBIIIII", data, 0)
+    except struct.error:
+        return None
     if magic != 0xEB9F:
         return None
     types = hdr_len + type_off
@@ -752,8 +761,9 @@ def probe_source():
     """The C text, read from beside this file or from inside the zipapp."""
     loader = globals().get("__loader__")
     if loader is not None and hasattr(loader, "get_data"):
-        try:
-            return loader.get_data(os.path.join(HERE, "bpf_probes.c")).decode()
+        try:   # the loader knows its archive by the path it was given (may be relative)
+            return loader.get_data(os.path.join(os.path.dirname(__file__),
+                                                "bpf_probes.c")).decode()
         except OSError:
             pass
     with open(os.path.join(HERE, "bpf_probes.c")) as f:
@@ -1437,7 +1447,7 @@ def load_config(conf_dir=None, default_dir=CONF_DIR):
     directory if it exists, else the embedded conf.d.  Raises ConfigError
     with every problem of every file."""
     if conf_dir is not None and not os.path.isdir(conf_dir):
-        raise ConfigError(["%s: configuration directory does not exist" % conf_dir])
+        raise UsageError("configuration directory %s does not exist" % conf_dir)
     directory = conf_dir or (default_dir if os.path.isdir(default_dir) else None)
     sources = config_files(directory) if directory else \
         [("<embedded>/conf.d/" + n, data) for n, data in embedded_config_files()]
@@ -1482,6 +1492,10 @@ def parse_config(sources):
         plugin = entry.get("plugin")
         if not isinstance(name, str) or not name:
             problems.append("%s: %s.action: missing action name" % (path, keypath))
+            return None
+        if not isinstance(plugin, str):
+            problems.append("%s: %s.plugin: expected a plugin name, got %r" % (
+                path, keypath, plugin))
             return None
         if plugin not in ACTIONS:
             problems.append("%s: %s.plugin: unknown plugin %r%s" % (
@@ -1545,10 +1559,13 @@ def parse_config(sources):
                 problems.append("%s: %s.triggers: an event needs a list of triggers" % (path, kp))
                 triggers = []
             for j, t in enumerate(triggers):
-                if t not in EVENT_TYPES:
+                if not isinstance(t, str):
+                    problems.append("%s: %s.triggers[%d]: expected a trigger name, got %r"
+                                    % (path, kp, j, t))
+                elif t not in EVENT_TYPES:
                     problems.append("%s: %s.triggers[%d]: unknown trigger %r%s" % (
                         path, kp, j, t, did_you_mean(t, EVENT_TYPES)))
-            triggers = frozenset(t for t in triggers if t in EVENT_TYPES)
+            triggers = frozenset(t for t in triggers if isinstance(t, str) and t in EVENT_TYPES)
             filters = []
             raw_filters = entry.get("filters") or {}
             if not isinstance(raw_filters, dict):
@@ -1978,8 +1995,24 @@ def event_line(event, as_json):
     return "%s %s" % (local_time(event.timestamp), event.text())
 
 
+class _EventLogHandler(logging.handlers.RotatingFileHandler):
+    """A RotatingFileHandler whose write errors reach the caller (logging
+    would print a traceback on stderr and carry on)."""
+
+    error = None
+
+    def handleError(self, record):
+        self.error = sys.exc_info()[1]
+
+
 @register_action("eventlogfile_action", "append each event to a size-rotated log file")
 class EventLogFile(Action):
+    """The event log.  At run time the file is checked before each event:
+    removed or replaced (its directory deleted, a rotation by another tool)
+    it is reopened, the directory recreated; when that or a write fails
+    (read-only or full file system) the event is counted as failed by the
+    runner, which reports once per interval, and the next event tries again."""
+
     PARAMS = (Param("log_file_path", "str", help="file to write"),
               Param("max_size_mb", "number", 20, "rotate when the file reaches this size"),
               Param("number_of_log_files", "int", 2, "rotated files kept"),
@@ -1987,21 +2020,83 @@ class EventLogFile(Action):
 
     def __init__(self, name, params):
         super().__init__(name, params)
-        path = params["log_file_path"]
-        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
-        self.handler = logging.handlers.RotatingFileHandler(
-            path, maxBytes=int(params["max_size_mb"] * 1024 * 1024),
-            backupCount=params["number_of_log_files"], encoding="utf-8")
-        os.chmod(path, 0o600)
+        self.path = params["log_file_path"]
         self.as_json = params["output_json"]
+        self.handler = None
+        self.failing = False
+        self._open()                      # at start-up a log that cannot open is fatal
+
+    def _open(self):
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
+        handler = _EventLogHandler(
+            self.path, maxBytes=int(self.params["max_size_mb"] * 1024 * 1024),
+            backupCount=self.params["number_of_log_files"], encoding="utf-8")
+        try:
+            os.chmod(self.path, 0o600)
+            if handler.stream.tell() > 0:
+                # a line cut short (a crash, a full disk) must not swallow the next one
+                with open(self.path, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        handler.stream.write("\n")
+                        handler.stream.flush()
+        except BaseException:
+            self._discard(handler)
+            raise
+        self.handler = handler
+
+    @staticmethod
+    def _discard(handler):
+        try:
+            handler.close()
+        except OSError:                   # unwritten bytes on a full or gone file system
+            pass
+
+    def _in_place(self):
+        stream = self.handler.stream
+        if stream is None:
+            return False
+        try:
+            st, fst = os.stat(self.path), os.fstat(stream.fileno())
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
     def handle(self, event):
-        record = logging.makeLogRecord({"msg": event_line(event, self.as_json)})
-        self.handler.handle(record)
-        self.handler.flush()
+        line = event_line(event, self.as_json)
+        if self.handler is not None and not self._in_place():
+            logging.getLogger("sshlog.action").warning(
+                "event log %s was removed or replaced: reopening it", self.path)
+            self._discard(self.handler)
+            self.handler = None
+        if self.handler is None:
+            try:
+                self._open()
+            except OSError:
+                self.failing = True
+                raise
+        h = self.handler
+        h.error = None
+        h.handle(logging.makeLogRecord({"msg": line}))
+        if h.error is None:
+            try:
+                h.flush()
+            except OSError as e:
+                h.error = e
+        if h.error is not None:
+            error, h.error = h.error, None
+            self.failing = True
+            self._discard(h)              # reopened, and the partial line ended, next time
+            self.handler = None
+            raise error
+        if self.failing:
+            self.failing = False
+            logging.getLogger("sshlog.action").warning("event log %s: writing again", self.path)
 
     def close(self):
-        self.handler.close()
+        if self.handler is not None:
+            self._discard(self.handler)
+            self.handler = None
 
 
 # -- session recordings: sessionlog_action --
@@ -2022,9 +2117,9 @@ class EventLogFile(Action):
 
 _ESC_SEQ = re.compile(
     # complete sequences: CSI, 8-bit CSI, OSC to BEL/ST (titles), DCS/PM/APC/SOS to ST,
-    # then two-byte and charset escapes
+    # two-byte and charset escapes (any final but those that open the kinds above)
     r"(\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
-    r"|\x1b[P^_X][^\x1b]*\x1b\\|\x1b[ -/]*[0-~])"
+    r"|\x1b[P^_X][^\x1b]*\x1b\\|\x1b[ -/]*[0-OQ-WYZ\\`-~])"
     # or the start of one, cut at the end of the chunk
     r"|(\x1b\[[0-?]*[ -/]*\Z|\x9b[0-?]*[ -/]*\Z|\x1b\][^\x07\x1b]*\x1b?\Z"
     r"|\x1b[P^_X][^\x1b]*\x1b?\Z|\x1b[ -/]*\Z)")
@@ -4016,14 +4111,18 @@ class SessionInput:
                           os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC)
         self.how = "TIOCSTI"
 
-    def echo_off(self):
-        """Whether the session's terminal has ECHO off (TCGETS on a pty master
-        reports the slave's settings)."""
+    def secret_prompt(self):
+        """Whether the session's terminal is at a password-style prompt: ECHO
+        off in canonical mode (sudo, su, passwd, read -s).  Line editors
+        (readline) and full-screen programs turn ECHO off too, but also
+        ICANON, and echo what is typed themselves.  TCGETS on a pty master
+        reports the slave's settings."""
         import termios
         try:
-            return not termios.tcgetattr(self.fd)[3] & termios.ECHO
+            lflag = termios.tcgetattr(self.fd)[3]
         except (termios.error, OSError, TypeError):
             return True
+        return not lflag & termios.ECHO and bool(lflag & termios.ICANON)
 
     def write(self, data):
         self.open()
@@ -4069,13 +4168,13 @@ def kill_session(s, tracker, proc=PROC, wait=3.0, before=None):
             not (proc_ppid_comm(ptm, proc)[1] or "").startswith("sshd"):
         raise SshlogError("session %s: its sshd (pid %d) cannot be verified; nothing signalled"
                           % (s.session_id, ptm))
+    children = [pid for pid in session_sshd_children(s, proc) if pid > 1]
     if before is not None:
-        before()
+        before("SIGTERM to sshd %s" % ", ".join(map(str, children or [ptm])))
     done = []
-    for pid in session_sshd_children(s, proc):
-        if pid > 1:
-            os.kill(pid, signal.SIGTERM)
-            done.append("SIGTERM to sshd %d" % pid)
+    for pid in children:
+        os.kill(pid, signal.SIGTERM)
+        done.append("SIGTERM to sshd %d" % pid)
     deadline = time.monotonic() + (wait if done else 0)
     while time.monotonic() < deadline and proc_alive(ptm, proc):
         time.sleep(0.05)
@@ -4089,11 +4188,11 @@ class ApiHandler(socketserver.StreamRequestHandler):
     def handle(self):
         daemon = self.server.daemon_ref
         try:
+            line = self.rfile.readline(65536)   # read first: the client then sees our answer
             if not peer_allowed(self.connection):
                 self._send({"ok": False, "error": "permission denied: root or group %s only"
                             % SOCKET_GROUP})
                 return
-            line = self.rfile.readline(65536)
             try:
                 req = json.loads(line)
                 cmd = req["cmd"]
@@ -4106,6 +4205,11 @@ class ApiHandler(socketserver.StreamRequestHandler):
                 self._send({"ok": True, "data": daemon.status()})
             elif cmd == "watch":
                 types = req.get("types") or WATCH_DEFAULT_TYPES
+                if not isinstance(types, (list, tuple)) or \
+                        not all(isinstance(t, str) for t in types):
+                    self._send({"ok": False, "error": "bad request: types must be a list of "
+                                                      "event type names"})
+                    return
                 self._watch(daemon, [t for t in types if t in EVENT_TYPES])
             elif cmd == "attach":
                 self._attach(daemon, req)
@@ -4171,7 +4275,8 @@ class ApiHandler(socketserver.StreamRequestHandler):
             return
         try:
             done = kill_session(s, daemon.tracker, daemon.proc,
-                                before=lambda: self._audit(daemon, s, "kill", creds))
+                                before=lambda what: self._audit(daemon, s, "kill", creds,
+                                                                detail_text=what))
         except (SshlogError, OSError) as e:
             self._audit(daemon, s, "kill", creds, detail_text="failed: %s" % e)
             self._send({"ok": False, "error": "kill failed: %s" % e})
@@ -4278,15 +4383,15 @@ class ApiHandler(socketserver.StreamRequestHandler):
                     continue
                 try:
                     typing.open()
-                    hidden = typing.echo_off()
+                    hidden = typing.secret_prompt()
                     typing.write(keys)
                 except OSError as e:
                     client.put(("notice", "input not delivered: %s" % e))
                     continue
                 self._audit(daemon, s, "input", creds, readonly=False, data_len=len(keys),
                             input_data="" if hidden else decode_bytes(keys)[:ATTACH_INPUT_LOG],
-                            detail_text="via %s%s" % (typing.how, ", terminal echo off: "
-                                                      "input not logged" if hidden else ""))
+                            detail_text="via %s%s" % (typing.how, ", at a password prompt "
+                                                      "(echo off): not logged" if hidden else ""))
         except (OSError, ValueError):
             pass
         finally:
@@ -5279,7 +5384,10 @@ def api_request(socket_path, request, timeout=5.0):
                           % (socket_path, SOCKET_GROUP))
     except OSError as e:
         raise SshlogError("cannot reach the daemon at %s: %s" % (socket_path, e.strerror))
-    s.sendall((json.dumps(request) + "\n").encode())
+    try:
+        s.sendall((json.dumps(request) + "\n").encode())
+    except (BrokenPipeError, ConnectionResetError):
+        pass                      # the daemon answered and closed: read its reply
     return s
 
 
@@ -5299,7 +5407,8 @@ def cmd_daemon(args):
     setup_logging(args.debug, args.log_file)
     daemon = Daemon(config_dir=args.config_dir, socket_path=args.socket, debug=args.debug,
                     plugin_dirs=plugin_dirs(args.config_dir, args.plugin_dir),
-                    argv_cap=args.argv_cap, stdout_cap=args.stdout_cap)
+                    argv_cap=args.argv_cap, stdout_cap=args.stdout_cap,
+                    inject=args.enable_session_injection)
     return daemon.run()
 
 
@@ -5337,6 +5446,7 @@ def cmd_status(args):
     print("events: " + (", ".join("%s %d" % kv for kv in sorted(data["events"].items()))
                         or "none"))
     print("losses: bpf ctl %(ctl)d, bpf tty %(tty)d" % data["bpf_drops"] +
+          " (terminal bytes %d)" % data.get("terminal_lost_bytes", 0) +
           ", undecodable %d, watch %d, filter errors %d" % (
               data["decode_errors"], data["watch_dropped"], data["filter_errors"]))
     for name, a in sorted(data["actions"].items()):
@@ -5372,6 +5482,376 @@ def cmd_watch(args):
                     tzinfo=datetime.timezone.utc).timestamp()
                 out.write("%s %s\n" % (local_time(ts, "%H:%M:%S"), msg["text"]))
             out.flush()
+    return 0
+
+
+# -- replay: play a .cast in the terminal, or print its text --
+
+CAST_LINE_MAX = 16 << 20          # longer event lines are reported and skipped
+
+
+def read_cast(f, name, warn):
+    """(header, events) of an asciicast v2 file open in binary mode; events
+    yields (time, code, data); a malformed line is reported through
+    warn(text) and skipped.  SshlogError when the header is not v2."""
+    first = f.readline(CAST_LINE_MAX)
+    try:
+        header = json.loads(first.decode("utf-8"))
+        ok = isinstance(header, dict) and header.get("version") == 2 and \
+            all(isinstance(header.get(k), int) and header[k] > 0 for k in ("width", "height"))
+    except (ValueError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise SshlogError("%s: not an asciicast v2 recording (bad header line)" % name)
+
+    def events():
+        n = 1
+        while True:
+            line = f.readline(CAST_LINE_MAX)
+            n += 1
+            if not line:
+                return
+            if len(line) >= CAST_LINE_MAX and not line.endswith(b"\n"):
+                while line and not line.endswith(b"\n"):
+                    line = f.readline(CAST_LINE_MAX)
+                warn("%s:%d: line longer than %d bytes skipped" % (name, n, CAST_LINE_MAX))
+                continue
+            if not line.strip():
+                continue
+            try:
+                ev = json.loads(line.decode("utf-8"))
+                if not (isinstance(ev, list) and len(ev) == 3 and
+                        isinstance(ev[0], (int, float)) and not isinstance(ev[0], bool) and
+                        ev[0] >= 0 and isinstance(ev[1], str) and isinstance(ev[2], str)):
+                    raise ValueError("not [time, code, data]")
+            except (ValueError, UnicodeDecodeError) as e:
+                warn("%s:%d: malformed event line skipped (%s)" % (name, n, str(e)[:80]))
+                continue
+            yield float(ev[0]), ev[1], ev[2]
+    return header, events()
+
+
+def cast_text(header, events, write):
+    """The text a recording's output leaves, through a terminal emulator
+    (pyte) of the recorded size: every line that scrolls off or is cleared
+    away, then the final screen; resizes followed."""
+    import pyte
+
+    class Transcript(pyte.Screen):
+        def line_text(self, y):
+            return "".join(self.buffer[y][x].data for x in range(self.columns)).rstrip()
+
+        def index(self):
+            top, bottom = self.margins or (0, self.lines - 1)
+            if self.cursor.y == bottom and top == 0:
+                write(self.line_text(0) + "\n")
+            super().index()
+
+        def resize(self, lines=None, columns=None):
+            if lines is not None and lines < self.lines:       # the top lines go
+                for y in range(self.lines - lines):
+                    write(self.line_text(y) + "\n")
+            super().resize(lines, columns)
+
+        def erase_in_display(self, how=0, *args, **kwargs):
+            if how in (2, 3):
+                lines = [self.line_text(y) for y in range(self.lines)]
+                while lines and not lines[-1]:
+                    lines.pop()
+                for line in lines:
+                    write(line + "\n")
+            super().erase_in_display(how, *args, **kwargs)
+
+    screen = Transcript(header["width"], header["height"])
+    stream = pyte.Stream(screen)
+    for _t, code, data in events:
+        if code == "o":
+            stream.feed(data)
+        elif code == "r":
+            m = re.fullmatch(r"(\d+)x(\d+)", data)
+            if m and int(m.group(1)) > 0 and int(m.group(2)) > 0:
+                screen.resize(int(m.group(2)), int(m.group(1)))
+    lines = [screen.line_text(y) for y in range(screen.lines)]
+    while lines and not lines[-1]:
+        lines.pop()
+    for line in lines:
+        write(line + "\n")
+
+
+def cmd_replay(args):
+    if args.speed <= 0 or (args.idle_limit is not None and args.idle_limit <= 0):
+        raise UsageError("--speed and --idle-limit must be greater than 0")
+    try:
+        f = open(args.file, "rb")
+    except OSError as e:
+        raise SshlogError("cannot read %s: %s" % (args.file, e.strerror))
+
+    def warn(text):
+        sys.stderr.write("sshlog: %s\n" % text)
+        sys.stderr.flush()
+    with f:
+        header, events = read_cast(f, args.file, warn)
+        if args.text:
+            cast_text(header, events, sys.stdout.write)
+            sys.stdout.flush()
+            return 0
+        idle = args.idle_limit if args.idle_limit is not None else header.get("idle_time_limit")
+        idle = idle if isinstance(idle, (int, float)) and idle > 0 else None
+        try:
+            size = os.get_terminal_size(sys.stdout.fileno())
+            if size.columns < header["width"] or size.lines < header["height"]:
+                warn("the recording is %dx%d, this terminal %dx%d: lines may wrap" % (
+                    header["width"], header["height"], size.columns, size.lines))
+        except OSError:
+            pass
+        out = sys.stdout.buffer
+        prev, due = 0.0, time.monotonic()
+        for t, code, data in events:
+            if code != "o":
+                continue
+            delay = max(0.0, t - prev)
+            prev = max(prev, t)
+            due += (min(delay, idle) if idle else delay) / args.speed
+            wait = due - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            out.write(data.encode("utf-8", "replace"))
+            out.flush()
+    return 0
+
+
+# -- attach and kill --
+
+DETACH_KEY = b"\x11"              # Ctrl+Q
+
+
+class AttachView:
+    """Draws an attached session in this terminal.  When the terminal is at
+    least as large as the session's (plus a status line), the session's
+    output is written as it comes, inside a scroll region of the session's
+    height; when it is smaller, a terminal emulator (pyte) of the session's
+    size runs here and the part of its screen around the cursor is drawn."""
+
+    def __init__(self, info, rows, cols, write):
+        self.info = info
+        self.srows, self.scols = info["rows"], info["cols"]
+        self.wrows, self.wcols = rows, cols
+        self.write = write
+        self.screen = self.stream = None
+        self.top = self.left = 0
+        self.notice = info.get("why_readonly") and "read-only: %s" % info["why_readonly"] or \
+            ("read-only" if info["readonly"] else "typing goes to the session")
+        self.dirty = False
+
+    def status(self):
+        s = self.info
+        text = " Ctrl+Q detaches | %s | TTY %d %s from %s, %dx%d" % (
+            self.notice, s["tty"], s["username"], s["client_ip"], self.scols, self.srows)
+        if self.screen is not None:
+            text += ", rows %d-%d" % (self.top + 1, min(self.top + self.wrows - 1, self.srows))
+            if self.left:
+                text += ", cols %d-" % (self.left + 1)
+        return (text + " ")[:max(self.wcols, 1)]
+
+    def passthrough(self):
+        return self.wrows > self.srows and self.wcols >= self.scols
+
+    def set_screen(self, ansi):
+        """A whole screen of the session (rendered by the daemon)."""
+        if self.passthrough():
+            self.screen = self.stream = None
+            self.write("\x1b[r\x1b[0m\x1b[H\x1b[2J\x1b[1;%dr" % self.srows + ansi +
+                       "\x1b7" + self._status_at() + "\x1b8")
+        else:
+            import pyte
+            self.screen = pyte.Screen(self.scols, self.srows)
+            self.stream = pyte.Stream(self.screen)
+            self.stream.feed(ansi)
+            self.write("\x1b[r\x1b[0m\x1b[H\x1b[2J")
+            self.redraw(full=True)
+
+    def _status_at(self):
+        return "\x1b[%d;1H\x1b[0;7m%s\x1b[0m\x1b[K" % (self.wrows, self.status())
+
+    def output(self, text):
+        if self.screen is None:
+            self.write(text)
+            if "\x1b[2J" in text or "\x1b[J" in text or "\x1b[0J" in text:
+                self.write("\x1b7" + self._status_at() + "\x1b8")   # cleared with the screen
+        else:
+            self.stream.feed(text)
+            self.dirty = True
+
+    def set_notice(self, text):
+        self.notice = text
+        if self.screen is None:
+            self.write("\x1b7" + self._status_at() + "\x1b8")
+        else:
+            self.dirty = True
+
+    def redraw(self, full=False):
+        sc = self.screen
+        if sc is None:
+            return
+        vrows, vcols = max(self.wrows - 1, 1), max(self.wcols, 1)
+        y, x = sc.cursor.y, sc.cursor.x
+        top, left = self.top, self.left
+        if y < top:
+            top = y
+        elif y >= top + vrows:
+            top = y - vrows + 1
+        if x < left:
+            left = x
+        elif x >= left + vcols:
+            left = x - vcols + 1
+        top = max(0, min(top, max(0, sc.lines - vrows)))
+        left = max(0, min(left, max(0, sc.columns - vcols)))
+        full = full or (top, left) != (self.top, self.left)
+        self.top, self.left = top, left
+        rows = range(top, min(top + vrows, sc.lines)) if full else \
+            sorted(r for r in sc.dirty if top <= r < top + vrows)
+        out = []
+        for r in rows:
+            out.append("\x1b[%d;1H\x1b[0m%s\x1b[0m\x1b[K" % (
+                r - top + 1, screen_lines(sc, r, left, 1, vcols)[0]))
+        if full:
+            for r in range(sc.lines - top, vrows):
+                out.append("\x1b[%d;1H\x1b[0m\x1b[K" % (r + 1))
+        sc.dirty.clear()
+        out.append(self._status_at())
+        out.append("\x1b[%d;%dH" % (y - top + 1, x - left + 1))
+        self.write("".join(out))
+        self.dirty = False
+
+    def finish(self):
+        self.write("\x1b[r\x1b[0m\x1b[?25h\x1b[%d;1H\r\n" % self.wrows)
+
+
+def _terminal_size():
+    try:
+        size = os.get_terminal_size(sys.stdout.fileno())
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+def _write_all(fd, text):
+    data = text.encode("utf-8", "replace")
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            select.select([], [fd], [], 1.0)
+
+
+def cmd_attach(args):
+    tty = args.tty
+    for fd in (0, 1, 2):
+        try:
+            if os.ttyname(fd) == "/dev/pts/%d" % tty:
+                raise SshlogError("refusing to attach to your own session (tty %d)" % tty)
+        except OSError:
+            pass
+    if not (os.isatty(0) and os.isatty(1)):
+        raise SshlogError("attach needs a terminal on stdin and stdout")
+    rows, cols = _terminal_size()
+    sock = api_request(args.socket, {"cmd": "attach", "tty": tty, "readonly": args.readonly,
+                                     "rows": rows, "cols": cols}, timeout=30.0)
+    buf = bytearray()
+
+    def lines():
+        while b"\n" in buf:
+            i = buf.index(b"\n")
+            line = bytes(buf[:i])
+            del buf[:i + 1]
+            if line.strip():
+                yield json.loads(line)
+
+    def send(obj):
+        sock.sendall((json.dumps(obj) + "\n").encode())
+
+    with sock:
+        while b"\n" not in buf:
+            data = sock.recv(1 << 20)
+            if not data:
+                raise SshlogError("the daemon closed the connection")
+            buf += data
+        reply = next(lines())
+        if not reply.get("ok"):
+            raise SshlogError(reply.get("error", "attach refused"))
+        info = reply["data"]
+        sock.settimeout(None)
+        resized = []
+        old_winch = signal.signal(signal.SIGWINCH, lambda *_: resized.append(1))
+        import termios
+        import tty as tty_mod
+        saved = termios.tcgetattr(0)
+        view = AttachView(info, rows, cols, lambda text: _write_all(1, text))
+        reason = "detached"
+        try:
+            tty_mod.setraw(0)
+            view.set_screen(base64.b64decode(info["screen"]).decode("utf-8", "replace"))
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            done = False
+            while not done:
+                if resized:
+                    del resized[:]
+                    view.wrows, view.wcols = _terminal_size()
+                    send({"redraw": True})
+                try:
+                    ready = select.select([sock, 0], [], [], 0.2)[0]
+                except InterruptedError:
+                    continue
+                if sock in ready:
+                    data = sock.recv(1 << 20)
+                    if not data:
+                        reason = "the daemon closed the connection"
+                        break
+                    buf += data
+                    for msg in lines():
+                        if "o" in msg:
+                            view.output(decoder.decode(base64.b64decode(msg["o"])))
+                        elif "screen" in msg:
+                            view.srows, view.scols = msg["rows"], msg["cols"]
+                            decoder.reset()
+                            view.set_screen(base64.b64decode(msg["screen"]).decode("utf-8",
+                                                                                   "replace"))
+                        elif "r" in msg:
+                            view.srows, view.scols = msg["r"]
+                            send({"redraw": True})
+                        elif "notice" in msg:
+                            view.set_notice(msg["notice"])
+                        elif "end" in msg:
+                            reason, done = msg["end"], True
+                            break
+                    if view.dirty:
+                        view.redraw()
+                if 0 in ready and not done:
+                    keys = os.read(0, 65536)
+                    if not keys:
+                        break
+                    if DETACH_KEY in keys:
+                        keys, done = keys[:keys.index(DETACH_KEY)], True
+                    if keys:
+                        send({"i": base64.b64encode(keys).decode()})
+            if reason == "detached":
+                try:
+                    send({"detach": True})
+                except OSError:
+                    pass
+        finally:
+            view.finish()
+            termios.tcsetattr(0, termios.TCSAFLUSH, saved)
+            signal.signal(signal.SIGWINCH, old_winch)
+    print("Detached from TTY %d (%s)." % (tty, reason))
+    return 0
+
+
+def cmd_kill(args):
+    data = api_call(args.socket, {"cmd": "kill", "tty": args.tty})
+    print("Ended the session on TTY %d (user %s, sshd %d): %s" % (
+        data["tty"], printable(data["username"]), data["ptm_pid"],
+        "; ".join(data["done"]) or "nothing left to signal"))
     return 0
 
 
@@ -5695,6 +6175,8 @@ EPILOG = """examples:
   ./sshlog.pyz sessions --json                 live sessions for scripts
   ./sshlog.pyz check-config --config-dir /etc/sshlog
   ./sshlog.pyz report --since 7d --format markdown   weekly summary of the event logs
+  ./sshlog.pyz attach 3                        see /dev/pts/3's screen and follow it
+  ./sshlog.pyz replay /var/log/sshlog/sessions/ssh_2062.cast --speed 2 --idle-limit 1
 """
 
 
@@ -5721,6 +6203,11 @@ def build_parser():
                    help="argv bytes kept per command, a power of two (default %d)" % ARGV_CAP)
     d.add_argument("--stdout-cap", type=int, default=STDOUT_CAP, metavar="BYTES",
                    help="first output bytes kept per command (default %d)" % STDOUT_CAP)
+    d.add_argument("--enable-session-injection", action="store_true",
+                   default=os.environ.get("SSHLOG_ENABLE_SESSION_INJECTION", "").lower()
+                   in ("1", "true", "yes"),
+                   help="let root type into sessions through `attach` (default off; env "
+                        "SSHLOG_ENABLE_SESSION_INJECTION=1)")
     d.add_argument("--debug", action="store_true")
     d.set_defaults(func=cmd_daemon)
     w = client("watch", "print events as they happen")
@@ -5733,6 +6220,24 @@ def build_parser():
     st = client("status", "daemon counters: events, losses, action queues")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+    at = client("attach", "show a live session and follow it (Ctrl+Q detaches)")
+    at.add_argument("tty", type=int, metavar="TTY", help="N of /dev/pts/N (see `sessions`)")
+    at.add_argument("--readonly", "-r", action="store_true",
+                    help="never send what you type (it is sent only when you are root and "
+                         "the daemon runs with --enable-session-injection)")
+    at.set_defaults(func=cmd_attach)
+    kl = client("kill", "end a live session (root)")
+    kl.add_argument("tty", type=int, metavar="TTY", help="N of /dev/pts/N (see `sessions`)")
+    kl.set_defaults(func=cmd_kill)
+    rpl = sub.add_parser("replay", help="play a session recording (.cast) in this terminal")
+    rpl.add_argument("file", metavar="FILE", help="an asciicast v2 file written by sshlog")
+    rpl.add_argument("--speed", type=float, default=1.0, metavar="X",
+                     help="play X times as fast (default 1)")
+    rpl.add_argument("--idle-limit", type=float, metavar="S",
+                     help="shorten every pause to at most S seconds")
+    rpl.add_argument("--text", action="store_true",
+                     help="print the text the session showed, without timing")
+    rpl.set_defaults(func=cmd_replay)
     c = sub.add_parser("check-config", help="validate a configuration")
     c.add_argument("--config-dir")
     c.add_argument("--plugin-dir", action="append", metavar="DIR",
