@@ -22,6 +22,7 @@
  *   ARGV_CAP               bytes of argv kept per exec (power of two)
  *   STDOUT_CAP             bytes of a command's fd 1/2 output kept
  *   CAPTURE_INPUT          1 = also send sshd's writes to the pty master
+ *                          (keystrokes), except while the pty has ECHO off
  *   HAVE_GROUP_DEAD        sched_process_exit has group_dead (kernel >= 6.x)
  *   OFF_EXIT_CODE          offset of task_struct.exit_code (optional)
  *   TRACK_MAX              capacity of the tracked-process table
@@ -43,6 +44,7 @@ enum rec_type {
     REC_UPLOAD_OPEN = 11,  /* scp/sftp-server opened a file for writing */
     REC_UPLOAD_CLOSE = 12, /* ...and closed it (byte count)             */
     REC_BTMP = 13,     /* sshd wrote a failed-login utmp record         */
+    REC_TTY_LOSS = 14, /* a connection ended with terminal bytes lost since its last record */
 };
 
 struct rec_hdr {          /* 24 bytes, first in every record */
@@ -98,13 +100,14 @@ struct rec_winsz {
 struct rec_data_small {   /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP */
     struct rec_hdr h;
     u32 fd;
-    u32 pad;
+    u32 lost;             /* REC_TTY_*: bytes of this session and direction lost
+                           * (ring full) since its previous record; else 0 */
     u8 data[SMALL_CAP];
 };
 struct rec_data_big {
     struct rec_hdr h;
     u32 fd;
-    u32 pad;
+    u32 lost;
     u8 data[BIG_CAP];
 };
 
@@ -158,6 +161,10 @@ BPF_HASH(fds, struct fd_key, struct fd_val, 16384);
 BPF_TABLE("lru_hash", u32, struct peer, peers, 1024);      /* listener -> last accepted peer */
 BPF_TABLE("lru_hash", u64, struct stash, stashes, 16384);  /* pid_tgid -> syscall args */
 BPF_ARRAY(drops, u64, 2);                          /* [0] ctl, [1] tty */
+/* Terminal bytes lost to a full tty ring, per session and direction (key
+ * sess * 2, + 1 for input): the stream's next record carries the count in
+ * `lost`; what is left when the connection ends goes out as REC_TTY_LOSS. */
+BPF_TABLE("lru_hash", u32, u64, tty_lost, 4096);
 BPF_RINGBUF_OUTPUT(ctl, CTL_PAGES);
 BPF_RINGBUF_OUTPUT(tty, TTY_PAGES);
 
@@ -242,6 +249,119 @@ static __always_inline int stash_take(u32 what, struct stash *out)
     return 1;
 }
 
+static __always_inline u32 tty_loss_key(u32 type, u32 sess)
+{
+    return sess * 2 + (type == REC_TTY_IN);
+}
+
+static __always_inline void tty_loss_add(u32 type, u32 sess, u32 n)
+{
+    u32 k = tty_loss_key(type, sess);
+    u64 *v = tty_lost.lookup(&k);
+    if (v) {
+        __sync_fetch_and_add(v, n);
+    } else {
+        u64 first = n;
+        tty_lost.update(&k, &first);
+    }
+}
+
+/* Bytes lost since the stream's previous record (one sshd thread per
+ * session reads and writes the master, so there is no race on a key). */
+static __always_inline u32 tty_loss_take(u32 type, u32 sess)
+{
+    u32 k = tty_loss_key(type, sess);
+    u64 *v = tty_lost.lookup(&k);
+    if (!v)
+        return 0;
+    u64 n = *v;
+    tty_lost.delete(&k);
+    return n > 0xffffffff ? 0xffffffff : n;
+}
+
+#if CAPTURE_INPUT
+/* Keystrokes are never sent while the session's terminal has ECHO off
+ * (passwords at sudo, su, ssh and `read -s` prompts).  The programs of a
+ * session set termios on its pty with TCSETS* (0x5402-0x5404, and the
+ * termios2 forms); a process whose last setting cleared ECHO is in
+ * `echo_off`, and echo_state[sess] counts those processes and keeps the
+ * session's last setting.  Input is dropped here, in the kernel, while
+ * either says "off", and until the session's first setting is seen.
+ * Compiled only with CAPTURE_INPUT=1: nothing of this runs otherwise. */
+#define TCSETS 0x5402
+#define TCSETSF 0x5404
+#define TCSETS2 0x402C542B
+#define TCSETSF2 0x402C542D
+#define ECHO_FLAG 0x8          /* termios c_lflag ECHO; c_lflag is at offset 12 */
+struct echo { u32 off_procs; u32 last_off; };
+BPF_HASH(echo_off, u32, u32, TRACK_MAX);                    /* tgid -> sess */
+BPF_TABLE("lru_hash", u32, struct echo, echo_state, 4096);  /* sess -> state */
+
+static __always_inline void termios_set(u32 tgid, u32 sess, u64 arg)
+{
+    u32 lflag = 0;
+    u32 off = 1;               /* unreadable: assume a password prompt */
+    if (bpf_probe_read_user(&lflag, sizeof(lflag), (void *)(arg + 12)) == 0)
+        off = !(lflag & ECHO_FLAG);
+    struct echo zero = {};
+    struct echo *st = echo_state.lookup_or_try_init(&sess, &zero);
+    if (!st)
+        return;
+    st->last_off = off;
+    u32 *was = echo_off.lookup(&tgid);
+    if (off && !was) {
+        echo_off.update(&tgid, &sess);
+        __sync_fetch_and_add(&st->off_procs, 1);
+    } else if (!off && was) {
+        echo_off.delete(&tgid);
+        __sync_fetch_and_add(&st->off_procs, -1);
+    }
+}
+
+static __always_inline void termios_forget(u32 tgid)
+{
+    u32 *sess = echo_off.lookup(&tgid);
+    if (!sess)
+        return;
+    u32 key = *sess;
+    struct echo *st = echo_state.lookup(&key);
+    if (st && st->off_procs)
+        __sync_fetch_and_add(&st->off_procs, -1);
+    echo_off.delete(&tgid);
+}
+
+static __always_inline int echo_is_off(u32 sess)
+{
+    struct echo *st = echo_state.lookup(&sess);
+    return !st || st->off_procs || st->last_off;
+}
+#endif
+
+/* A connection's end: report terminal bytes lost after its last record. */
+static __always_inline void tty_session_end(u32 sess)
+{
+#pragma unroll
+    for (u32 dir = 0; dir < 2; dir++) {
+        u32 k = sess * 2 + dir;
+        u64 *v = tty_lost.lookup(&k);
+        if (!v)
+            continue;
+        struct rec_u32 *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (r) {
+            fill_hdr(&r->h, REC_TTY_LOSS, sess, sess);
+            r->value = *v > 0xffffffff ? 0xffffffff : *v;
+            r->fd = dir;
+            ctl.ringbuf_submit(r, 0);
+        } else {
+            count_drop(0);
+        }
+        tty_lost.delete(&k);
+    }
+#if CAPTURE_INPUT
+    echo_state.delete(&sess);
+#endif
+}
+
 /* Send `len` bytes of user memory as one or more data records on ring
  * `which` (0 ctl, 1 tty).  Up to four 16 KiB chunks: sshd reads up to
  * 32 KiB from the pty master at once. */
@@ -252,6 +372,8 @@ static __always_inline void emit_small(u32 which, u32 type, u32 tgid, u32 sess,
                                      : ctl.ringbuf_reserve(sizeof(*r));
     if (!r) {
         count_drop(which);
+        if (which)
+            tty_loss_add(type, sess, n);
         return;
     }
     fill_hdr(&r->h, type, tgid, sess);
@@ -260,7 +382,7 @@ static __always_inline void emit_small(u32 which, u32 type, u32 tgid, u32 sess,
     asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(SMALL_CAP));
     r->h.len = n;
     r->fd = fd;
-    r->pad = 0;
+    r->lost = which ? tty_loss_take(type, sess) : 0;
     bpf_probe_read_user(r->data, n, src);
     if (which)
         tty.ringbuf_submit(r, 0);
@@ -275,6 +397,8 @@ static __always_inline void emit_big(u32 which, u32 type, u32 tgid, u32 sess,
                                    : ctl.ringbuf_reserve(sizeof(*r));
     if (!r) {
         count_drop(which);
+        if (which)
+            tty_loss_add(type, sess, n);
         return;
     }
     fill_hdr(&r->h, type, tgid, sess);
@@ -283,7 +407,7 @@ static __always_inline void emit_big(u32 which, u32 type, u32 tgid, u32 sess,
     asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(BIG_CAP));
     r->h.len = n;
     r->fd = fd;
-    r->pad = 0;
+    r->lost = which ? tty_loss_take(type, sess) : 0;
     bpf_probe_read_user(r->data, n, src);
     if (which)
         tty.ringbuf_submit(r, 0);
@@ -294,8 +418,7 @@ static __always_inline void emit_big(u32 which, u32 type, u32 tgid, u32 sess,
 static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
                                       s32 fd, const u8 *src, u64 total)
 {
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < 4; i++) {      /* bounded loop: up to 64 KiB per read */
         if (total == 0)
             return;
         u32 n = total > BIG_CAP ? BIG_CAP : total;
@@ -527,8 +650,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 static __always_inline void forget_fds(u32 tgid, struct proc *p)
 {
-    /* The exit of a process closes its fds without close() calls. */
-#pragma unroll
+    /* The exit of a process closes its fds without close() calls.  A bounded
+     * loop (kernel >= 5.3), not unrolled: 64 copies would bloat the program. */
     for (int fd = 0; fd < 64; fd++) {
         struct fd_key k = {.tgid = tgid, .fd = fd};
         struct fd_val *v = fds.lookup(&k);
@@ -566,6 +689,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
     if (p->flags & (F_SSHD | F_XFER))
         forget_fds(tgid, p);
+#if CAPTURE_INPUT
+    termios_forget(tgid);
+#endif
+    if (p->flags & F_MONITOR)
+        tty_session_end(tgid);
     if (p->flags & (F_CMD | F_MONITOR | F_XFER)) {
         struct rec_exit *r = ctl.ringbuf_reserve(sizeof(*r));
         if (r) {
@@ -620,7 +748,17 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
 {
     u32 tgid;
     struct proc *p = current_proc(&tgid);
-    if (!p || !(p->flags & F_SSHD))
+    if (!p)
+        return 0;
+#if CAPTURE_INPUT
+    u32 cmd = args->cmd;
+    if ((p->flags & F_USER) && ((cmd >= TCSETS && cmd <= TCSETSF) ||
+                                (cmd >= TCSETS2 && cmd <= TCSETSF2))) {
+        termios_set(tgid, p->sess, args->arg);
+        return 0;
+    }
+#endif
+    if (!(p->flags & F_SSHD))
         return 0;
     if (args->cmd == TIOCSWINSZ) {
         /* sshd sets the window size on the master it reads from */
@@ -768,8 +906,10 @@ static __always_inline int on_write(u32 fd, const u8 *buf, u64 count)
     if (v->kind == FD_UPLOAD)
         __sync_fetch_and_add(&v->bytes, count);
 #if CAPTURE_INPUT
-    else if (v->kind == FD_PTMX)
-        emit_data(1, REC_TTY_IN, tgid, p->sess, fd, buf, count);
+    else if (v->kind == FD_PTMX) {
+        if (!echo_is_off(p->sess))
+            emit_data(1, REC_TTY_IN, tgid, p->sess, fd, buf, count);
+    }
 #endif
     else if (v->kind == FD_BTMP && count == 384)
         emit_data(0, REC_BTMP, tgid, p->sess, fd, buf, count);
