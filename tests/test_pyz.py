@@ -174,3 +174,18 @@ def test_pyz_runs_the_embedded_default_configuration(tmp_path):
     assert r.returncode == 0, r.stderr
     assert b"<embedded>/conf.d/log_events.yaml" in r.stdout
     assert b"log_events [eventlogfile_action]" in r.stdout
+
+
+def test_pyz_reads_its_probes_when_run_by_a_relative_path(tmp_path):
+    """`./sshlog.pyz` (relative) must find bpf_probes.c inside itself."""
+    pyz = os.path.join(REPO, "sshlog.pyz")
+    if not os.path.exists(pyz):
+        pytest.skip("sshlog.pyz not built (make)")
+    if not os.path.isdir("/sys/kernel/tracing/events/syscalls"):
+        pytest.skip("tracefs not readable here")
+    shutil.copy(pyz, tmp_path / "sshlog.pyz")
+    r = subprocess.run(["./sshlog.pyz", "dump-probes"], capture_output=True, timeout=30,
+                       cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert b"TRACEPOINT_PROBE(sched, sched_process_exec)" in r.stdout
+    assert b"-DARGV_CAP=" in r.stdout.splitlines()[0]

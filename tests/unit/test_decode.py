@@ -242,9 +242,6 @@ def test_exec_argc_larger_than_strings_without_terminator_is_truncated():
     assert rec.argv[:2] == ("id", "-un")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: decode_record counts the empty piece after the last NUL as an argument, so "
-    "argc=3 with two complete strings yields argv ('id', '-un', '') and truncated=False"))
 def test_exec_argc_larger_than_strings_present_is_truncated():
     rec = sshlog.decode_record(rec_exec(b"id\0-un\0", argc=3))
     assert rec.argv == ("id", "-un")
@@ -477,9 +474,6 @@ def test_btf_missing_file_or_bad_magic_is_none(tmp_path):
     assert sshlog.btf_member_offset("task_struct", "exit_code", str(bad)) is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: btf_member_offset lets struct.error escape on a file shorter than the 24-byte "
-    "header (docstring promises None); probe_plan then dies with a traceback"))
 def test_btf_truncated_file_is_none(tmp_path):
     short = tmp_path / "short"
     short.write_bytes(btf_blob()[:10])
@@ -586,8 +580,5 @@ def test_parse_audit_fields_only_decodes_hex_for_encoded_keys():
     assert fields == {"terminal": "beef", "addr": "1234", "acct": "bob"}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: parse_audit_fields hex-decodes hostname= too, but libaudit prints the host "
-    "verbatim (never encoded); a hostname like 'cafe' or '1234' becomes garbage"))
 def test_parse_audit_fields_hostname_is_never_hex_decoded():
     assert sshlog.parse_audit_fields("hostname=cafe res=failed")["hostname"] == "cafe"
