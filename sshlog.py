@@ -912,27 +912,33 @@ class Session:
                 "terminal_bytes": self.tty_bytes}
 
 
-def socket_addresses(pid, proc=PROC):
-    """(local, remote) address pairs of the TCP sockets `pid` holds, from the
-    process's own network namespace view."""
+def _socket_inodes(pid, proc=PROC):
     inodes = set()
     fd_dir = "%s/%d/fd" % (proc, pid)
     try:
-        for fd in os.listdir(fd_dir):
-            try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
+        names = os.listdir(fd_dir)
     except OSError:
-        return []
+        return inodes
+    for fd in names:
+        try:
+            target = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def tcp_sockets(pid, state, proc=PROC):
+    """(local, remote) address pairs of the TCP sockets in `state` ("01"
+    established, "0A" listening) that `pid` holds, as its own network
+    namespace sees them."""
+    inodes = _socket_inodes(pid, proc)
     found = []
-    for name in ("tcp", "tcp6"):
-        text = read_text("%s/%d/net/%s" % (proc, pid, name)) or ""
-        for line in text.splitlines()[1:]:
+    for name in ("tcp", "tcp6") if inodes else ():
+        for line in (read_text("%s/%d/net/%s" % (proc, pid, name)) or "").splitlines()[1:]:
             parts = line.split()
-            if len(parts) > 9 and parts[9] in inodes and parts[3] == "01":  # ESTABLISHED
+            if len(parts) > 9 and parts[9] in inodes and parts[3] == state:
                 found.append((_proc_net_addr(parts[1]), _proc_net_addr(parts[2])))
     return found
 
@@ -946,26 +952,12 @@ def _proc_net_addr(text):
     return _ip_text(fam, raw), int(hexport, 16)
 
 
+def socket_addresses(pid, proc=PROC):
+    return tcp_sockets(pid, "01", proc)
+
+
 def listening_ports(pid, proc=PROC):
-    inodes = set()
-    fd_dir = "%s/%d/fd" % (proc, pid)
-    try:
-        for fd in os.listdir(fd_dir):
-            try:
-                target = os.readlink(os.path.join(fd_dir, fd))
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    except OSError:
-        return []
-    ports = []
-    for name in ("tcp", "tcp6"):
-        for line in (read_text("%s/%d/net/%s" % (proc, pid, name)) or "").splitlines()[1:]:
-            parts = line.split()
-            if len(parts) > 9 and parts[9] in inodes and parts[3] == "0A":  # LISTEN
-                ports.append(_proc_net_addr(parts[1])[1])
-    return sorted(set(ports))
+    return sorted({local[1] for local, _remote in tcp_sockets(pid, "0A", proc)})
 
 
 class Tracker:
