@@ -2814,7 +2814,11 @@ class DatagramSender:
             self.sock = socket.socket(family, socket.SOCK_DGRAM)
             self.sock.settimeout(1.0)
         try:
-            self.sock.sendto(data[:65000], self.addr)
+            try:
+                self.sock.sendto(data[:65000], self.addr)
+            except ConnectionRefusedError:
+                # an earlier datagram's ICMP error reported now: this one was not sent yet
+                self.sock.sendto(data[:65000], self.addr)
         except OSError:
             self.close()
             raise
@@ -2952,7 +2956,7 @@ class Syslog(Action):
               Param("severity", "str", "info", "name (emerg ... debug) or number 0-7"),
               Param("hostname", "str", None, "HOSTNAME field; unset: the event's host name"),
               Param("timeout", "number", 5, "seconds allowed to connect and to send"),
-              Param("retries", "int", 2, "attempts after a failed send (reconnecting)"),
+              Param("retries", "int", 2, "TCP/TLS: attempts after a failed send (reconnecting)"),
               ) + _TLS_PARAMS + (
               Param("tls_cert_file", "str", None, "client certificate (PEM) for mutual TLS"),
               Param("tls_key_file", "str", None, "its private key"))
@@ -3010,8 +3014,10 @@ class Syslog(Action):
 
     def handle(self, event):
         data = self.message(event).encode("utf-8")
-        if self.transport != "udp":
-            data = b"%d %s" % (len(data), data)         # octet counting
+        if self.transport == "udp":                     # fire and forget, never a backoff
+            self.sender.send(data)
+            return
+        data = b"%d %s" % (len(data), data)             # octet counting
         self.deliver(lambda: self.sender.send(data), self.params["retries"])
 
     def close(self):
@@ -5904,6 +5910,8 @@ def cmd_doctor(args):
         print("%-15s %-7s %s" % (name, "ok" if good else "PROBLEM",
                                  found if good else "%s; fix: %s" % (found, fix)))
         ok = ok and good
+    for problem in load_plugins(plugin_dirs(args.config_dir))[1]:   # the config may use them
+        print("%-15s %-7s %s" % ("plugin", "PROBLEM", problem))
     try:
         config = load_config(args.config_dir)
         print("%-15s %-7s %s" % ("configuration", "ok", ", ".join(config.files)))

@@ -600,3 +600,15 @@ def test_script_positions():
     assert sshlog.script_positions(["/usr/bin/env", "bash", "-ec", "s"]) == {3}
     assert sshlog.script_positions(["/usr/bin/sudo", "-u", "x", "sh", "-c", "s"]) == {5}
     assert sshlog.script_positions(["/usr/bin/printf", "-c", "s"]) == set()
+
+
+def test_udp_sinks_to_a_dead_port_never_slow_down():
+    """UDP has no answer to wait for: ICMP 'port unreachable' errors surface on the next
+    send and are absorbed; no backoff, no retries."""
+    port = receivers.free_port(receivers.socket.SOCK_DGRAM)
+    t0 = time.monotonic()
+    for plugin, params in (("syslog_action", {}), ("statsd_action", {})):
+        stats = run(plugin, [event() for _ in range(50)], wait=5, server_address="127.0.0.1",
+                    port=port, **params)
+        assert stats["delivered"] + stats["failed"] == 50 and stats["retried"] == 0
+    assert time.monotonic() - t0 < 2
