@@ -1979,11 +1979,22 @@ class ActionRunner:
                 "retried": getattr(self.action, "retried", 0)}
 
 
+_C1_CONTROLS = re.compile("[\x7f-\x9f\u2028\u2029]")
+
+
+def json_text(obj):
+    """JSON as UTF-8-friendly text that is safe on a terminal: json escapes
+    C0 controls itself; DEL, the C1 controls (U+009B is a CSI to many
+    terminals) and the Unicode line separators are escaped here too."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return _C1_CONTROLS.sub(lambda m: "\\u%04x" % ord(m.group()), text)
+
+
 def event_line(event, as_json):
     """The event log's line for an event: text with a local-time prefix, or
     one JSON object alone (JSON Lines)."""
     if as_json:
-        return json.dumps(event.to_dict(), ensure_ascii=False)
+        return json_text(event.to_dict())
     return "%s %s" % (local_time(event.timestamp), event.text())
 
 
@@ -3338,11 +3349,24 @@ def environment_name(field):
     return "SSHLOG_" + re.sub(r"[^A-Z0-9_]", "_", field.upper())
 
 
+EXEC_STRING_MAX = 100000          # bytes; Linux refuses one argv/env string over 128 KiB
+
+
+def exec_string(text):
+    """Text fit for argv or the environment: NUL (which neither can hold)
+    shown as \\x00, cut at EXEC_STRING_MAX bytes (a big terminal_update)."""
+    text = text.replace("\0", "\\x00")
+    data = text.encode("utf-8", "surrogateescape")
+    if len(data) > EXEC_STRING_MAX:
+        text = data[:EXEC_STRING_MAX].decode("utf-8", "ignore") + "...[truncated]"
+    return text
+
+
 def event_environment(fields):
-    """SSHLOG_<FIELD> variables for every field of an event (NUL, which an
-    environment cannot hold, shown as \\x00), plus SSHLOG_EVENT_JSON."""
-    env = {environment_name(k): field_text(v).replace("\0", "\\x00") for k, v in fields.items()}
-    env["SSHLOG_EVENT_JSON"] = json.dumps(fields, ensure_ascii=False).replace("\0", "\\u0000")
+    """SSHLOG_<FIELD> variables for every field of an event, plus
+    SSHLOG_EVENT_JSON with the whole event."""
+    env = {environment_name(k): exec_string(field_text(v)) for k, v in fields.items()}
+    env["SSHLOG_EVENT_JSON"] = exec_string(json.dumps(fields, ensure_ascii=False))
     return env
 
 
@@ -3383,7 +3407,7 @@ class RunCommand(Action):
                 arg = shell_template(arg, fields)
             else:
                 arg = render(arg, fields)
-            out.append(arg.replace("\0", "\\x00"))
+            out.append(exec_string(arg))
         return out
 
     def handle(self, event):
@@ -5473,7 +5497,7 @@ def cmd_watch(args):
                 sys.stderr.write("sshlog: %d event(s) dropped: this terminal is too slow\n"
                                  % msg["dropped"])
             if args.json:
-                out.write(json.dumps(msg["event"], ensure_ascii=False) + "\n")
+                out.write(json_text(msg["event"]) + "\n")
             else:
                 ts = datetime.datetime.strptime(msg["event"]["timestamp"],
                                                 "%Y-%m-%dT%H:%M:%S.%fZ").replace(

@@ -612,3 +612,19 @@ def test_udp_sinks_to_a_dead_port_never_slow_down():
                     port=port, **params)
         assert stats["delivered"] + stats["failed"] == 50 and stats["retried"] == 0
     assert time.monotonic() - t0 < 2
+
+
+def test_run_command_big_terminal_update_still_runs(tmp_path, dump_script):
+    """One argv or environment string may not exceed 128 KiB on Linux: a 64 KiB terminal
+    chunk (JSON-escaped in SSHLOG_EVENT_JSON, far bigger) is cut, not a failure."""
+    data = "\x1b[0m\u00e9" * 30000
+    ev = event(sshlog.TerminalUpdate, terminal_data=data, data_len=len(data.encode()))
+    out = str(tmp_path / "out.json")
+    stats = run("run_command_action", [ev], command=sys.executable,
+                args=[dump_script, out, "{{terminal_data}}"])
+    assert stats["delivered"] == 1, stats
+    got = json.load(open(out))
+    assert got["argv"][0].endswith("...[truncated]")
+    assert len(got["argv"][0].encode()) <= sshlog.EXEC_STRING_MAX + 20
+    assert got["env"]["SSHLOG_TERMINAL_DATA"].startswith(data[:1000])
+    assert got["env"]["SSHLOG_EVENT_JSON"].endswith("...[truncated]")
