@@ -5667,13 +5667,15 @@ class AttachView:
 
     def status(self):
         s = self.info
-        text = " Ctrl+Q detaches | %s | TTY %d %s from %s, %dx%d" % (
-            self.notice, s["tty"], s["username"], s["client_ip"], self.scols, self.srows)
-        if self.screen is not None:
-            text += ", rows %d-%d" % (self.top + 1, min(self.top + self.wrows - 1, self.srows))
+        text = " Ctrl+Q detaches | "
+        if self.screen is not None:         # the window shows a part of the session's screen
+            text += "rows %d-%d" % (self.top + 1, min(self.top + self.wrows - 1, self.srows))
             if self.left:
-                text += ", cols %d-" % (self.left + 1)
-        return (text + " ")[:max(self.wcols, 1)]
+                text += " cols %d-%d" % (self.left + 1, min(self.left + self.wcols, self.scols))
+            text += " of %dx%d | " % (self.scols, self.srows)
+        text += "%s | TTY %d %s from %s " % (self.notice, s["tty"], s["username"],
+                                             s["client_ip"])
+        return text[:max(self.wcols, 1)]
 
     def passthrough(self):
         return self.wrows > self.srows and self.wcols >= self.scols
