@@ -1,38 +1,81 @@
 #!/usr/bin/python3
 """make bench: what the agent costs the sessions it watches, measured in one run.
 
-Real sshd, real ssh client under a pty, daemon off and on interleaved (order
-rotated each round, a fresh session per sample), timings taken inside the
-session with $EPOCHREALTIME.  Prints medians and on/off ratios:
+Real sshd and real clients; the daemon off and on interleaved (order alternating per round,
+fresh sessions per sample), the daemon running the embedded default configuration (text
+event log + session recordings) with its paths moved into a scratch directory.  Medians and
+on/off ratios of:
 
-  exec storm      a loop of N /bin/true                  budget: ratio <= 1.05
-  terminal flood  seq 1 L through the pty                budget: ratio <= 1.05, 0 bytes lost
-  idle daemon     CPU over S seconds with no session     budget: < 0.5 % of a core
-  daemon start    until the socket answers; RSS after start
+  exec storm      N x /bin/true in a pty session (timed inside it)      budget: ratio <= 1.05
+  terminal flood  seq 1 L through the pty; bytes the daemon recorded    budget: ratio <= 1.05,
+                  vs bytes the client received                                  0 bytes lost
+  scp upload      one file of S MB (throughput)                        budget: ratio <= 1.05
+  parallel        P sessions at once, each a loop of C commands;       budget: ratio <= 1.05,
+                  command_finish lines in the event log vs run                  0 events lost
+  syscall cost    a process outside any ssh session: getppid(), 1-byte  (reported: ns per call)
+                  write() to /dev/null, in C (gcc at bench time)
+  daemon          start time (until the socket answers), RSS after start and at the end of a
+                  round, idle CPU over I seconds with no session       budget: < 0.5 % of a core
+  report          `sshlog report` over a generated event log of E events (no root needed)
 
-Run as root: `sudo make bench` (or /usr/bin/python3 tests/bench.py --help).
-Foreign BPF programs distort timings: they are counted and reported.
+Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
+at every sample and reported.  Run as root: `sudo make bench` (~10 minutes), or
+`tests/bench.py --quick` (~3 minutes), `--only exec,flood` for a part.  Other load on the
+machine is reported too (load average before and after): measure on a quiet machine.
 """
 import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import uuid
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOP = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 import harness  # noqa: E402
-from sshlog_daemon import SshlogDaemon  # noqa: E402
+from sshlog_daemon import SshlogDaemon, sshlog_argv  # noqa: E402
 
-DEFAULT_LIKE = ["connection_established", "connection_auth_failed", "connection_close",
-                "command_start", "command_finish", "file_upload"]
+PARTS = ("exec", "flood", "scp", "parallel", "syscall", "idle", "report")
+BUDGET = 1.05
+
+SYSCALL_C = r"""
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 1000000, i;
+    int fd = open("/dev/null", O_WRONLY);
+    char c = 'x';
+    double t0 = now();
+    for (i = 0; i < n; i++) syscall(SYS_getppid);
+    double t1 = now();
+    for (i = 0; i < n; i++) if (write(fd, &c, 1) != 1) return 1;
+    double t2 = now();
+    printf("%.1f %.1f\n", (t1 - t0) / n * 1e9, (t2 - t1) / n * 1e9);
+    return 0;
+}
+"""
 
 
-def bpf_program_ids():
+# -- measuring helpers ------------------------------------------------------------------------
+
+def bpf_programs():
     out = subprocess.run(["bpftool", "prog", "list", "--json"], capture_output=True)
     try:
         return {p["id"] for p in json.loads(out.stdout or b"[]")}
@@ -40,13 +83,40 @@ def bpf_program_ids():
         return set()
 
 
-def timed(session, command, timeout=300):
-    """Run `command` in the session; return (seconds inside the session, bytes shown)."""
-    start = len(session.output)
-    n = int(time.time() * 1000) % 1000000
-    session.sendline("s=$EPOCHREALTIME; %s; e=$EPOCHREALTIME; echo \"RES%d $s $e\"" % (command, n))
-    m = session.expect(re.compile(rb"RES%d (\d+\.\d+) (\d+\.\d+)" % n), timeout=timeout)
-    return float(m.group(2)) - float(m.group(1)), len(session.output) - start
+def own_programs(pid):
+    ids = set()
+    d = "/proc/%d/fdinfo" % pid
+    try:
+        for fd in os.listdir(d):
+            try:
+                with open(os.path.join(d, fd)) as f:
+                    m = re.search(r"^prog_id:\s*(\d+)", f.read(), re.M)
+            except OSError:
+                continue
+            if m:
+                ids.add(int(m.group(1)))
+    except OSError:
+        pass
+    return ids
+
+
+class Foreign:
+    """Counts BPF programs not loaded by our daemon, sample by sample."""
+
+    def __init__(self):
+        self.samples = []
+
+    def sample(self, daemon=None):
+        ours = own_programs(daemon.proc.pid) if daemon is not None else set()
+        self.samples.append(len(bpf_programs() - ours))
+
+    def summary(self):
+        return (min(self.samples), max(self.samples)) if self.samples else (0, 0)
+
+
+def load():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
 
 
 def cpu_seconds(pid):
@@ -55,95 +125,383 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rss_mb(pid):
+def status_kb(pid, key):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return 0.0
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
 
 
-def captured(daemon, user):
-    """Terminal bytes the daemon has captured for the user's session, once quiet."""
+def wait_tail(session, pattern, timeout):
+    """PtySession.expect() copies the whole output at every wake-up, which on a
+    15 MB flood costs the machine as much as what we measure: look at the tail."""
+    deadline = time.monotonic() + timeout
+    with session._cond:
+        while True:
+            m = pattern.search(bytes(session._buf[-16384:]))
+            if m:
+                session._pos = len(session._buf)
+                return m
+            left = deadline - time.monotonic()
+            if session._eof or left <= 0:
+                raise AssertionError("bench: no %r in the session within %ss: %r" % (
+                    pattern.pattern, timeout, bytes(session._buf[-300:])))
+            session._cond.wait(min(left, 0.5))
+
+
+def timed(session, command, timeout=600):
+    """Run `command` in the session; (seconds measured inside it, bytes the client got)."""
+    with session._cond:
+        start = len(session._buf)
+    n = uuid.uuid4().hex[:8]
+    session.sendline("s=$EPOCHREALTIME; %s; e=$EPOCHREALTIME; echo \"RES%s $s $e\"" % (command, n))
+    m = wait_tail(session, re.compile(rb"RES%s (\d+\.\d+) (\d+\.\d+)" % n.encode()), timeout)
+    wait_tail(session, harness.PtySession.PROMPT, 30)
+    with session._cond:
+        shown = len(session._buf) - start
+    return float(m.group(2)) - float(m.group(1)), shown
+
+
+def captured_bytes(daemon, user):
     time.sleep(0.5)
-    mine = [x for x in json.loads(daemon.cli("sessions", "--json").stdout)["sessions"]
-            if x["username"] == user.name]
-    return mine[0]["terminal_bytes"] if mine else 0
+    rows = json.loads(daemon.cli("sessions", "--json").stdout)["sessions"]
+    return sum(r["terminal_bytes"] for r in rows if r["username"] == user.name)
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+# -- the daemon under test --------------------------------------------------------------------
+
+def default_like_config(workdir):
+    """The embedded default's session recordings, moved under `workdir`; SshlogDaemon adds
+    the default's text event log (same triggers) itself."""
+    text = []
+    for name in sorted(os.listdir(os.path.join(TOP, "conf.d"))):
+        if name.endswith((".yaml", ".yml")) and name != "log_events.yaml":
+            with open(os.path.join(TOP, "conf.d", name)) as f:
+                text.append(f.read().replace("/var/log/sshlog", workdir))
+    return "\n".join(text) or None
+
+
+def start_daemon(workdir):
+    d = SshlogDaemon(workdir, json_log=False, config_text=default_like_config(workdir))
+    t0 = time.monotonic()
+    d.start(timeout=120)
+    return d, time.monotonic() - t0
+
+
+# -- workloads --------------------------------------------------------------------------------
+
+def run_parallel(sshd, user, sessions, commands, tag):
+    results, errors = [], []
+
+    def one(i):
+        cmd = ("s=$EPOCHREALTIME; for i in $(seq %d); do /bin/true %s-%d; done; "
+               "e=$EPOCHREALTIME; echo \"T $s $e\"" % (commands, tag, i))
+        try:
+            r = harness.ssh_run(sshd, user, cmd, timeout=600)
+            m = re.search(r"T (\d+\.\d+) (\d+\.\d+)", r.stdout)
+            if not m:
+                raise RuntimeError("no timing from session %d: %r %r" % (i, r.stdout, r.stderr))
+            results.append((float(m.group(1)), float(m.group(2))))
+        except Exception as e:      # collected and re-raised below
+            errors.append(e)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return max(e for _, e in results) - min(s for s, _ in results)
+
+
+def count_finished(daemon, tag, expected, timeout=60):
+    """command_finish lines of /bin/true TAG-... in the text event log, once they stop growing."""
+    pattern = " execute complete (exit code: 0) /bin/true %s-" % tag
+    last, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(daemon.text_log, errors="replace") as f:
+            n = sum(1 for line in f if pattern in line)
+        if n >= expected or n == last:
+            return n
+        last = n
+        time.sleep(1.0)
+    return last
+
+
+def build_syscall_loop(work):
+    if shutil.which("gcc") is None:
+        return None
+    src, exe = os.path.join(work, "loop.c"), os.path.join(work, "loop")
+    with open(src, "w") as f:
+        f.write(SYSCALL_C)
+    subprocess.run(["gcc", "-O2", "-o", exe, src], check=True)
+    return exe
+
+
+def syscall_cost(exe, n, repeat=5):
+    """Median ns per getppid() and per write() of `repeat` runs."""
+    g, w = [], []
+    for _ in range(repeat):
+        out = subprocess.run([exe, str(n)], capture_output=True, check=True).stdout.split()
+        g.append(float(out[0]))
+        w.append(float(out[1]))
+    return median(g), median(w)
+
+
+def bench_report(work, events, as_json):
+    """Seconds and peak RSS of `sshlog report` over a generated log of `events` events."""
+    sys.path.insert(0, TOP)
+    import eventlog_gen
+    path = os.path.join(work, "report-%s.log" % ("json" if as_json else "text"))
+    t0 = time.monotonic()
+    with open(path, "w", encoding="utf-8") as f:
+        eventlog_gen.generate(f, events, as_json)
+    gen = time.monotonic() - t0
+    size = os.path.getsize(path)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    r = subprocess.run(sshlog_argv() + ["report", "--since", "all", "--format", "json", path],
+                       capture_output=True)
+    took = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError("report failed: %s" % r.stderr.decode(errors="replace"))
+    data = json.loads(r.stdout)
+    os.unlink(path)
+    return {"events": data["events"], "seconds": took, "cpu": (after.ru_utime - before.ru_utime)
+            + (after.ru_stime - before.ru_stime), "rss_mb": after.ru_maxrss / 1024.0,
+            "size_mb": size / 1e6, "generated_in": gen, "corrupt": data["corrupt_lines"]}
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--quick", action="store_true", help="small sizes, 2 rounds (~3 minutes)")
+    ap.add_argument("--only", default=",".join(PARTS),
+                    help="comma-separated parts: %s" % ",".join(PARTS))
+    ap.add_argument("--rounds", type=int)
+    ap.add_argument("--execs", type=int)
+    ap.add_argument("--lines", type=int)
+    ap.add_argument("--scp-mb", type=int)
+    ap.add_argument("--parallel", type=int, default=20)
+    ap.add_argument("--commands", type=int, help="commands per parallel session")
+    ap.add_argument("--syscalls", type=int)
+    ap.add_argument("--idle-seconds", type=int)
+    ap.add_argument("--report-events", type=int)
+    ap.add_argument("--report-json", action="store_true",
+                    help="also time the report over a JSON Lines log of as many events")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    args = ap.parse_args()
+    quick = dict(rounds=2, execs=500, lines=200000, scp_mb=50, commands=50, syscalls=500000,
+                 idle_seconds=15, report_events=200000)
+    full = dict(rounds=5, execs=2000, lines=2000000, scp_mb=200, commands=200,
+                syscalls=2000000, idle_seconds=60, report_events=1000000)
+    for k, v in (quick if args.quick else full).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    bad = set(args.parts) - set(PARTS)
+    if bad:
+        ap.error("unknown part(s): %s" % ", ".join(sorted(bad)))
+    return args
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--execs", type=int, default=2000)
-    ap.add_argument("--lines", type=int, default=1000000)
-    ap.add_argument("--idle-seconds", type=int, default=30)
-    args = ap.parse_args()
-    if os.geteuid() != 0:
-        sys.exit("bench: run as root (sudo make bench)")
-
+    args = parse_args()
+    parts = set(args.parts)
+    session_parts = parts & {"exec", "flood", "scp", "parallel", "syscall"}
+    if (session_parts or "idle" in parts) and os.geteuid() != 0:
+        sys.exit("bench: run as root (sudo make bench), or --only report")
     work = tempfile.mkdtemp(prefix="sshlog-bench-")
-    user = harness.create_user("sshlogbench", "Pw-bench-9", key_dir=os.path.join(work, "keys"))
-    sshd = harness.Sshd(os.path.join(work, "sshd"), listen=("127.0.0.1",)).start()
-    foreign_before = bpf_program_ids()
-    results = {"off": {"exec": [], "flood": []}, "on": {"exec": [], "flood": []}}
-    lost, starts, rss, drops = [], [], [], []
+    os.chmod(work, 0o755)
+    figures = {"kernel": os.uname().release, "cpus": os.cpu_count(), "load_before": load(),
+               "args": {k: v for k, v in vars(args).items() if k != "parts"}}
+    res = {c: {k: [] for k in ("exec", "flood", "scp", "parallel", "getppid", "write")}
+           for c in ("off", "on")}
+    lost_bytes, lost_events, starts, rss_start, rss_end, drops = [], [], [], [], [], []
+    foreign = Foreign()
+    pytests = subprocess.run(["pgrep", "-c", "-f", "pytest"], capture_output=True).stdout
+    print("sshlog bench: %s, %d CPUs, load %s, %s pytest process(es) running, parts: %s" % (
+        os.uname().release, os.cpu_count(), figures["load_before"],
+        pytests.decode().strip() or "0", ",".join(args.parts)), flush=True)
+    sshd = None
     try:
-        for r in range(args.rounds):
-            order = ("off", "on") if r % 2 == 0 else ("on", "off")
-            for cond in order:
-                daemon = None
-                if cond == "on":
-                    daemon = SshlogDaemon(os.path.join(work, "d%d" % r), triggers=DEFAULT_LIKE,
-                                          json_log=False)
-                    t0 = time.monotonic()
-                    daemon.start()
-                    starts.append(time.monotonic() - t0)
-                    rss.append(rss_mb(daemon.proc.pid))
-                with harness.PtySession(sshd, user) as s:
-                    t_exec, _ = timed(s, "for i in $(seq %d); do /bin/true; done" % args.execs)
-                    before = captured(daemon, user) if daemon else 0
-                    t_flood, shown = timed(s, "seq 1 %d" % args.lines)
-                    results[cond]["exec"].append(t_exec)
-                    results[cond]["flood"].append(t_flood)
+        if session_parts:
+            user = harness.create_user("sshlogbench", "Pw-bench-9",
+                                       key_dir=os.path.join(work, "keys"))
+            # 20 connections at once: above sshd's default MaxStartups (10)
+            sshd = harness.Sshd(os.path.join(work, "sshd"), listen=("127.0.0.1",),
+                                extra_config={"MaxStartups": "100"}).start()
+            loop = build_syscall_loop(work) if "syscall" in parts else None
+            if "syscall" in parts and loop is None:
+                print("syscall cost: skipped (no gcc)")
+            payload = None
+            if "scp" in parts:
+                payload = os.path.join(work, "payload.bin")
+                with open(payload, "wb") as f:
+                    for _ in range(args.scp_mb):
+                        f.write(os.urandom(1 << 20))
+            for r in range(args.rounds):
+                order = ("off", "on") if r % 2 == 0 else ("on", "off")
+                for cond in order:
+                    daemon = None
+                    if cond == "on":
+                        daemon, took = start_daemon(os.path.join(work, "d%d" % r))
+                        starts.append(took)
+                        rss_start.append(status_kb(daemon.proc.pid, "VmRSS") / 1024.0)
+                    foreign.sample(daemon)
+                    line = ["round %d %-3s" % (r + 1, cond)]
+                    if "exec" in parts or "flood" in parts:
+                        with harness.PtySession(sshd, user) as s:
+                            if "exec" in parts:
+                                t, _ = timed(s, "for i in $(seq %d); do /bin/true; done"
+                                             % args.execs)
+                                res[cond]["exec"].append(t)
+                                line.append("exec %.3fs" % t)
+                            if "flood" in parts:
+                                before = captured_bytes(daemon, user) if daemon else 0
+                                t, shown = timed(s, "seq 1 %d" % args.lines)
+                                res[cond]["flood"].append(t)
+                                line.append("flood %.3fs" % t)
+                                if daemon:
+                                    got = captured_bytes(daemon, user) - before
+                                    lost_bytes.append(max(shown - got, 0))
+                                    line.append("(%d/%d bytes recorded)" % (min(got, shown),
+                                                                            shown))
+                    if "scp" in parts:
+                        remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
+                        t0 = time.monotonic()
+                        cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
+                        t = time.monotonic() - t0
+                        if cp.returncode != 0:
+                            raise RuntimeError("scp failed: %s" % cp.stderr)
+                        os.unlink(remote)
+                        res[cond]["scp"].append(args.scp_mb / t)
+                        line.append("scp %.0f MB/s" % (args.scp_mb / t))
+                    if "parallel" in parts:
+                        tag = "b%s" % uuid.uuid4().hex[:8]
+                        t = run_parallel(sshd, user, args.parallel, args.commands, tag)
+                        res[cond]["parallel"].append(t)
+                        line.append("parallel %.2fs" % t)
+                        if daemon:
+                            want = args.parallel * args.commands
+                            got = count_finished(daemon, tag, want)
+                            lost_events.append(want - got)
+                            line.append("(%d/%d logged)" % (got, want))
+                    if loop:
+                        g, w = syscall_cost(loop, args.syscalls)
+                        res[cond]["getppid"].append(g)
+                        res[cond]["write"].append(w)
+                        line.append("getppid %.0fns write %.0fns" % (g, w))
+                    foreign.sample(daemon)
                     if daemon:
-                        # the daemon's count also holds the next prompt: never less if whole
-                        lost.append(max(shown - (captured(daemon, user) - before), 0))
-                if daemon:
-                    drops.append(daemon.status()["bpf_drops"])
-                    daemon.stop()
-                print("round %d %-3s exec %.3f s  flood %.3f s" % (
-                    r + 1, cond, results[cond]["exec"][-1], results[cond]["flood"][-1]), flush=True)
-
-        daemon = SshlogDaemon(os.path.join(work, "idle"), triggers=DEFAULT_LIKE, json_log=False)
-        daemon.start()
-        time.sleep(2)
-        c0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
-        time.sleep(args.idle_seconds)
-        idle = (cpu_seconds(daemon.proc.pid) - c0) / (time.monotonic() - t0) * 100
-        daemon.stop()
+                        rss_end.append(status_kb(daemon.proc.pid, "VmHWM") / 1024.0)
+                        st = daemon.status()
+                        drops.append(st["bpf_drops"])
+                        line.append("peak RSS %.0f MB" % rss_end[-1])
+                        rc = daemon.stop()
+                        if rc != 0:
+                            raise RuntimeError("daemon exit %s: %s" % (
+                                rc, daemon.stderr_text()[-2000:]))
+                    print("  ".join(line), flush=True)
+        idle = None
+        if "idle" in parts:
+            daemon, took = start_daemon(os.path.join(work, "idle"))
+            starts.append(took)
+            rss_start.append(status_kb(daemon.proc.pid, "VmRSS") / 1024.0)
+            time.sleep(2)
+            foreign.sample(daemon)
+            c0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
+            time.sleep(args.idle_seconds)
+            idle = (cpu_seconds(daemon.proc.pid) - c0) / (time.monotonic() - t0) * 100
+            foreign.sample(daemon)
+            daemon.stop()
+        report = []
+        if "report" in parts:
+            report.append(("text", bench_report(work, args.report_events, False)))
+            if args.report_json:
+                report.append(("JSON", bench_report(work, args.report_events, True)))
     finally:
-        sshd.stop()
-        foreign = bpf_program_ids() - foreign_before
+        if sshd is not None:
+            sshd.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    med = {c: {k: statistics.median(v) for k, v in results[c].items()} for c in results}
-    print()
-    print("sshlog bench: %d rounds, %d execs, seq 1 %d, on %s" % (
-        args.rounds, args.execs, args.lines, os.uname().release))
-    if foreign_before:
-        print("NOTE: %d BPF program(s) were loaded before the run (foreign tracers distort "
-              "timings)" % len(foreign_before))
-    for k, label in (("exec", "exec storm (%d x /bin/true)" % args.execs),
-                     ("flood", "terminal flood (seq 1 %d)" % args.lines)):
-        ratio = med["on"][k] / med["off"][k]
-        print("%-34s off %.3f s  on %.3f s  ratio %.3f  %s" % (
-            label, med["off"][k], med["on"][k], ratio, "ok" if ratio <= 1.05 else "OVER BUDGET"))
-    print("%-34s %d bytes over %d runs; BPF drops %s" % ("terminal bytes lost", sum(lost),
-                                                          len(lost), drops[-1] if drops else "-"))
-    print("%-34s %.2f %% of a core over %d s  %s" % ("idle daemon CPU", idle, args.idle_seconds,
-                                                    "ok" if idle < 0.5 else "OVER BUDGET"))
-    print("%-34s median %.2f s; RSS %.0f MB" % ("daemon start", statistics.median(starts),
-                                               statistics.median(rss)))
+    # -- summary --
+    figures["load_after"] = load()
+    out = []
+    fmin, fmax = foreign.summary()
+    out.append("")
+    out.append("sshlog bench on %s (%d CPUs), load %s -> %s; %d round(s), daemon off/on "
+               "interleaved, medians" % (figures["kernel"], figures["cpus"],
+                                         figures["load_before"], figures["load_after"],
+                                         args.rounds))
+    if fmax:
+        out.append("NOTE: %d-%d foreign BPF program(s) were loaded during the run: timings "
+                   "include their cost" % (fmin, fmax))
+    figures["foreign_bpf_programs"] = [fmin, fmax]
+    rows = [("exec", "exec storm (%d x /bin/true)" % args.execs, "s", False),
+            ("flood", "terminal flood (seq 1 %d)" % args.lines, "s", False),
+            ("scp", "scp upload (%d MB)" % args.scp_mb, "MB/s", True),
+            ("parallel", "parallel (%d x %d commands)" % (args.parallel, args.commands), "s",
+             False)]
+    for key, label, unit, higher_better in rows:
+        off, on = median(res["off"][key]), median(res["on"][key])
+        if not res["on"][key]:
+            continue
+        ratio = off / on if higher_better else on / off
+        figures[key] = {"off": off, "on": on, "ratio": ratio,
+                        "samples": {"off": res["off"][key], "on": res["on"][key]}}
+        out.append("%-40s off %8.3f %-4s on %8.3f %-4s ratio %.3f  %s" % (
+            label, off, unit, on, unit, ratio, "ok" if ratio <= BUDGET else "OVER BUDGET"))
+    if lost_bytes:
+        figures["terminal_bytes_lost"] = sum(lost_bytes)
+        out.append("%-40s %d over %d flood(s)  %s" % ("terminal bytes lost", sum(lost_bytes),
+                                                      len(lost_bytes),
+                                                      "ok" if not sum(lost_bytes) else "LOST"))
+    if lost_events:
+        figures["events_lost"] = sum(lost_events)
+        out.append("%-40s %d of %d  %s" % ("command_finish events lost", sum(lost_events),
+                                          len(lost_events) * args.parallel * args.commands,
+                                          "ok" if not sum(lost_events) else "LOST"))
+    if drops:
+        figures["bpf_drops"] = drops[-1]
+        out.append("%-40s %s (last round)" % ("BPF ring drops", drops[-1]))
+    if res["on"]["getppid"]:
+        for key in ("getppid", "write"):
+            off, on = median(res["off"][key]), median(res["on"][key])
+            figures["syscall_" + key] = {"off_ns": off, "on_ns": on}
+            out.append("%-40s off %6.0f ns  on %6.0f ns  +%.0f ns per call" % (
+                "%s() outside ssh sessions" % key, off, on, on - off))
+    if idle is not None:
+        figures["idle_cpu_percent"] = idle
+        out.append("%-40s %.2f %% of a core over %d s  %s" % (
+            "idle daemon CPU", idle, args.idle_seconds, "ok" if idle < 0.5 else "OVER BUDGET"))
+    if starts:
+        figures["start_s"] = median(starts)
+        figures["rss_start_mb"] = median(rss_start)
+        out.append("%-40s %.2f s (median of %d); RSS %.0f MB after start%s" % (
+            "daemon start", median(starts), len(starts), median(rss_start),
+            ", %.0f MB peak in a round" % max(rss_end) if rss_end else ""))
+        if rss_end:
+            figures["rss_peak_mb"] = max(rss_end)
+    for kind, rep in report:
+        figures["report_" + kind.lower()] = rep
+        out.append("%-40s %.1f s wall, %.1f s CPU, peak RSS %.0f MB, %.0f MB of log%s" % (
+            "report, %d %s events" % (rep["events"], kind), rep["seconds"], rep["cpu"],
+            rep["rss_mb"], rep["size_mb"], "" if not rep["corrupt"] else
+            " (%d CORRUPT)" % rep["corrupt"]))
+    print("\n".join(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f, indent=2)
     return 0
 
 
