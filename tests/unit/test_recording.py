@@ -584,7 +584,7 @@ def test_attach_view_modes(wsize, mode):
     if view.dirty:
         view.redraw()
     text = "".join(written)
-    assert "read-only: no injection" in text and "Ctrl+Q detaches" in text
+    assert "| read-only: no inj" in text and "Ctrl+Q detaches" in text
     if mode == "viewport":
         assert view.top == 40 - (wsize[0] - 1)       # the cursor's part of the screen
         assert "typed" in text and "row 38" in text and "row 0\x1b" not in text
@@ -607,3 +607,131 @@ def test_proc_tty_nr_and_in_session(tmp_path):
     assert sshlog.in_session(700, s, proc.base)        # its terminal is the session's
     other = sshlog.Session(ptm_pid=999, session_id="y", start=0, tty=4)
     assert not sshlog.in_session(600, other, proc.base)
+
+
+# ---------------------------------------------------------------------------------------
+# attach and kill over the socket: who may do what (peer credentials stubbed)
+
+class AttachDaemon:
+    """What ApiHandler's attach/kill use of the daemon."""
+
+    def __init__(self, tracker, proc, inject):
+        import threading
+        self.tracker, self.proc, self.inject = tracker, proc, inject
+        self.stopping = threading.Event()
+        self.attach_hub = sshlog.AttachHub()
+        self.audited = []
+
+    def audit(self, event):
+        self.audited.append(event)
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """(connect(request) -> socket file, daemon-builder, creds setter) on a real ApiServer."""
+    import socket
+    import threading
+    from factories import write_passwd
+    root = write_passwd(tmp_path / "root", ("alice", 1001, "/home/alice"))
+    proc = FakeProc(tmp_path / "proc")
+    proc.process(700, comm="sshd", root=root)
+    tracker = sshlog.Tracker(hostname="web1", proc=proc.base, clock=FakeClock())
+    S, P = 10 ** 9, 2062
+    for rec in (sshlog.Connect(S, P, P, 700, "127.0.0.1", 5000),
+                sshlog.Value(sshlog.REC_PTY, S, P + 1, P, 4, 9),
+                sshlog.Winsz(S, P + 1, P, 24, 80, 9),
+                sshlog.Exec(2 * S, P + 8, P, P + 1, 1001, "/bin/bash", ("-bash",), False)):
+        tracker.handle(rec)
+    creds = {"value": (999999, 0, 0)}
+    monkeypatch.setattr(sshlog, "peer_allowed", lambda sock, *a, **k: True)
+    monkeypatch.setattr(sshlog, "peer_creds", lambda sock: creds["value"])
+    servers = []
+
+    def start(inject):
+        daemon = AttachDaemon(tracker, proc.base, inject)
+        path = str(tmp_path / ("api%d.sock" % len(servers)))
+        server = sshlog.ApiServer(path, sshlog.ApiHandler)
+        server.daemon_ref = daemon
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+
+        def request(obj):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(10)
+            s.connect(path)
+            s.sendall(json.dumps(obj).encode() + b"\n")
+            return s, s.makefile("rb")
+        return daemon, request
+    yield start, creds
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_non_root_attaches_read_only_and_may_not_kill(api):
+    start, creds = api
+    daemon, request = start(inject=True)
+    creds["value"] = (999999, 54321, 54321)
+    s, f = request({"cmd": "kill", "tty": 4})
+    assert json.loads(f.readline()) == {"ok": False, "error": "permission denied: only root "
+                                                             "may kill a session"}
+    s.close()
+    s, f = request({"cmd": "attach", "tty": 4})
+    reply = json.loads(f.readline())
+    assert reply["ok"] and reply["data"]["readonly"] is True
+    assert reply["data"]["why_readonly"] == "only root may type into a session"
+    assert (reply["data"]["rows"], reply["data"]["cols"]) == (24, 80)
+    s.sendall(b'{"i": "ZWNobyBoaQ0="}\n')
+    assert json.loads(f.readline()) == {"notice": "read-only: what you type is not sent"}
+    s.sendall(b'{"detach": true}\n')
+    deadline = time.monotonic() + 5
+    while len(daemon.audited) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    s.close()
+    assert [(e.action, e.admin_uid, e.readonly) for e in daemon.audited] == [
+        ("attach", 54321, True), ("detach", 54321, True)]
+    assert daemon.audited[0].text() == ("session_attach (2062) alice attached by 54321 "
+                                        "(uid 54321, pid 999999), read-only")
+
+
+def test_root_without_the_flag_is_read_only_and_unknown_ttys_are_refused(api):
+    start, creds = api
+    daemon, request = start(inject=False)
+    s, f = request({"cmd": "attach", "tty": 4, "readonly": False})
+    data = json.loads(f.readline())["data"]
+    assert data["readonly"] and "without --enable-session-injection" in data["why_readonly"]
+    s.close()
+    for tty in (5, "x"):
+        s, f = request({"cmd": "attach", "tty": tty})
+        reply = json.loads(f.readline())
+        assert not reply["ok"] and ("no session on tty 5" == reply["error"] or
+                                    "must be a number" in reply["error"])
+        s.close()
+
+
+def test_attach_from_inside_the_session_is_refused(api):
+    start, creds = api
+    daemon, request = start(inject=True)
+    creds["value"] = (2070, 0, 0)
+    proc = FakeProc(daemon.proc)
+    proc.process(2063, comm="sshd", ppid=2062)
+    proc.process(2070, comm="sudo", ppid=2063)
+    proc.process(2062, comm="sshd", ppid=700)
+    s, f = request({"cmd": "attach", "tty": 4})
+    assert json.loads(f.readline()) == {"ok": False, "error": "refusing to attach to your own "
+                                                              "session (tty 4)"}
+    s.close()
+    assert daemon.audited == []
+
+
+def test_kill_never_signals_an_unverified_pid(api, monkeypatch):
+    start, creds = api
+    daemon, request = start(inject=True)
+    signalled = []
+    monkeypatch.setattr(sshlog.os, "kill", lambda pid, sig: signalled.append((pid, sig)))
+    # the monitor 2062 is not in the fake /proc: its start time cannot match the session
+    s, f = request({"cmd": "kill", "tty": 4})
+    reply = json.loads(f.readline())
+    assert not reply["ok"] and "cannot be verified; nothing signalled" in reply["error"]
+    assert signalled == []
+    assert [(e.action, e.detail_text[:7]) for e in daemon.audited] == [("kill", "failed:")]
