@@ -2544,6 +2544,7 @@ class SessionLog(Action):
         self.closed = collections.OrderedDict()
         self.errors = 0
         self.stopping = threading.Event()
+        self.wake = threading.Event()         # set when a recording has something pending
         self.checked_gone = time.monotonic()
         self.flusher = threading.Thread(target=self._flush_loop, daemon=True,
                                         name="recordings-" + name)
@@ -2578,6 +2579,9 @@ class SessionLog(Action):
                 self._guard(rec, rec.resize, event)
             elif kind == "command_start":
                 self._guard(rec, rec.command, event)
+            if (rec.dirty_since is not None or not rec.header_done) and \
+                    not self.wake.is_set():
+                self.wake.set()
 
     def _start(self, event):
         """Open the files of a session seen for the first time: authenticated
@@ -2667,7 +2671,17 @@ class SessionLog(Action):
         self._guard(rec, rec.finish, time.time(), why)
 
     def _flush_loop(self):
-        while not self.stopping.wait(self.FLUSH_EVERY / 2):
+        """Wakes only while some recording has buffered output or a pending
+        header (and once a CHECK_GONE_EVERY otherwise): an idle daemon sleeps."""
+        while not self.stopping.is_set():
+            with self.lock:
+                busy = any(r.dirty_since is not None or not r.header_done
+                           for r in self.sessions.values() if not r.broken)
+                self.wake.clear()
+            if not busy:
+                self.wake.wait(self.CHECK_GONE_EVERY)
+            if self.stopping.wait(self.FLUSH_EVERY / 2):
+                break
             with self.lock:
                 self.tick(time.monotonic())
 
@@ -2689,6 +2703,7 @@ class SessionLog(Action):
 
     def close(self):
         self.stopping.set()
+        self.wake.set()
         self.flusher.join(2.0)
         with self.lock:
             for rec in list(self.sessions.values()):
@@ -3607,6 +3622,11 @@ TRIGGER_HELP = {
     "command_finish": "that program ended (exit code or signal, first output bytes)",
     "file_upload": "a file was written by scp or sftp",
     "terminal_update": "the session's terminal showed output",
+    "terminal_input": "keystrokes sent to the session (only with a sessionlog_action that has "
+                      "capture_input; never while the terminal has ECHO off)",
+    "terminal_resize": "the client's window changed size",
+    "session_attach": "an admin attached to, detached from, typed into or killed a session "
+                      "(`action`, `admin_uid`)",
 }
 _KIND_SHORT = {"str": "string", "int": "integer", "float": "number", "number": "number",
                "bool": "boolean", "strlist": "list of strings",
@@ -4324,7 +4344,9 @@ class ApiHandler(socketserver.StreamRequestHandler):
                 why = "only root may type into a session"
         readonly = bool(req.get("readonly")) or why is not None
         hub, client, typing = daemon.attach_hub, AttachClient(), None
-        data, rows, cols = hub.subscribe(s.ptm_pid, client, s.rows, s.cols)
+        # a session found in /proc at start-up has no size on record: ask its pty
+        size = (s.rows, s.cols) if s.rows and s.cols else pty_window_size(s.tty)
+        data, rows, cols = hub.subscribe(s.ptm_pid, client, *size)
         try:
             screen = render_screen(data, rows, cols)
             self._send({"ok": True, "data": {
