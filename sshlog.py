@@ -523,6 +523,7 @@ STDOUT_CAP = 4096        # bytes of a command's first output kept
 FNAME_CAP = 256
 LAST_ARG_CAP = 256
 SMALL_CAP = 256
+MID_CAP = 4096           # data record size classes: 256 B, 4 KiB, 16 KiB
 BIG_CAP = 16384
 PATH_CAP = 4096
 CTL_PAGES = 1024         # 4 MiB: control records
@@ -567,7 +568,7 @@ class RecWinsz(ctypes.Structure):
 
 
 class RecDataHead(ctypes.Structure):
-    """Fixed part of rec_data_small / rec_data_big; `h.len` bytes follow.
+    """Fixed part of rec_data_small / _mid / _big; `h.len` bytes follow.
     `lost`: for terminal records, bytes of that session's stream (output or
     input) lost to a full ring since its previous record."""
     _fields_ = [("h", RecHdr), ("fd", ctypes.c_uint32), ("lost", ctypes.c_uint32)]
@@ -4706,6 +4707,7 @@ REPORT_CSV_COLUMNS = ("section", "time", "end", "user", "source", "count", "dura
 ReportRecord = collections.namedtuple(
     "ReportRecord", "type ts session user ip port pid filename args exit_code signal path "
     "nbytes start existing host")
+_record = tuple.__new__           # ReportRecord from a tuple, without the namedtuple's wrapper
 
 _TEXT_DETAIL = {
     "connection_established": r"(?:(.*) )?from ip (\S*) tty (-?\d+)",
@@ -4815,8 +4817,11 @@ def parse_report_line(line, since=None, until=None):
         path = g[5]
     else:
         ip, port = _peer(g[5])
-    return ReportRecord(etype, ts, "p" + g[3], g[4] or "", ip or "", port or 0, None,
-                        filename, args, code, sig, path, None, None, False, "")
+    return _record(ReportRecord, (etype, ts, "p" + g[3], g[4] or "", ip or "", port or 0, None,
+                                  filename, args, code, sig, path, None, None, False, ""))
+
+
+_raw_json = json.JSONDecoder().raw_decode
 
 
 def _report_json(text, since, until):
@@ -4835,9 +4840,11 @@ def _report_json(text, since, until):
     if text.startswith('{"event_type": "terminal_update"'):
         return None
     try:
-        obj = json.loads(text)
+        obj, end = _raw_json(text)       # json.loads without its two whitespace scans
     except RecursionError:
         raise ValueError("JSON nested too deeply")
+    if end != len(text) and text[end:].strip():
+        raise ValueError("extra data after the JSON object")
     if not isinstance(obj, dict):
         raise ValueError("not a JSON object")
     etype = obj.get("event_type")
@@ -4872,11 +4879,11 @@ def _report_json(text, since, until):
         if etype == "file_upload":
             path = _jtext(obj, "target_path")
         start = get("start_time")
-    return ReportRecord(
+    return _record(ReportRecord, (
         etype, ts, session, user, ip, port if type(port) is int else 0,
         pid if type(pid) is int else None, filename, args, code if type(code) is int else None,
         sig, path, _jint(obj, "bytes"), start if type(start) is str else None,
-        get("existing") is True, host)
+        get("existing") is True, host))
 
 
 def parse_report_time(text, now, option="--since"):
@@ -5074,24 +5081,54 @@ class EventReport:
         self.files.append({"path": path, "lines": self.lines - lines_before,
                            "corrupt_lines": self.corrupt - corrupt_before})
 
-    def _scan(self, stream):
-        readline, add, since, until = stream.readline, self.add, self.since, self.until
-        limit = REPORT_MAX_LINE
+    def _scan(self, stream, block_size=1 << 20):
+        """Blocks split into lines (much cheaper than a readline per line);
+        a line longer than REPORT_MAX_LINE is counted corrupt and skipped."""
+        add, since, until, limit = self.add, self.since, self.until, REPORT_MAX_LINE
+        parse = parse_report_line
+        tail, skipping = b"", False
         while True:
-            line = readline(limit)
-            if not line:
-                return
+            block = stream.read(block_size)
+            if not block:
+                break
+            if skipping:                      # inside an over-long line: to its end
+                nl = block.find(b"\n")
+                if nl < 0:
+                    continue
+                block, skipping = block[nl + 1:], False
+            cut = block.rfind(b"\n")
+            if cut < 0:
+                tail += block
+            else:
+                data, tail = tail + block[:cut], block[cut + 1:]
+                if len(data) <= limit:        # no line in it can be too long
+                    lines = data.decode("utf-8", "replace").split("\n")
+                else:
+                    lines = [b.decode("utf-8", "replace") if len(b) <= limit else None
+                             for b in data.split(b"\n")]
+                self.lines += len(lines)
+                for line in lines:
+                    if line is None:
+                        self.corrupt += 1
+                        continue
+                    try:
+                        rec = parse(line, since, until)
+                    except ValueError:
+                        self.corrupt += 1
+                        continue
+                    if rec is not None:
+                        add(rec)
+            if len(tail) > limit:
+                self.lines += 1
+                self.corrupt += 1
+                tail, skipping = b"", True
+        if tail:                              # a last line without its newline
             self.lines += 1
-            if len(line) >= limit and line[-1:] != b"\n":
-                self.corrupt += 1             # over-long: skip the rest of it
-                while line and line[-1:] != b"\n":
-                    line = readline(limit)
-                continue
             try:
-                rec = parse_report_line(line, since, until)
+                rec = parse(tail.decode("utf-8", "replace"), since, until)
             except ValueError:
                 self.corrupt += 1
-                continue
+                rec = None
             if rec is not None:
                 add(rec)
 

@@ -166,6 +166,30 @@ def test_report_over_junk_files_never_raises(lines, fmt):
     assert "\x1b" not in out
 
 
+@SETTINGS
+@given(st.lists(st.one_of(report_lines(), st.text(alphabet="x\u00e9\u20ac", min_size=20,
+                                                          max_size=300)),
+                max_size=20),
+       st.integers(1, 200), st.booleans())
+def test_report_does_not_depend_on_how_the_file_is_read(lines, block, final_newline):
+    """Lines split across read blocks, over-long lines (limit lowered to 80 here), a last
+    line without its newline: the same counts and the same report, whatever the block."""
+    data = b"\n".join((x if isinstance(x, bytes) else x.encode("utf-8", "surrogatepass"))
+                      .replace(b"\n", b" ") for x in lines) + (b"\n" if final_newline else b"")
+    results = []
+    old = sshlog.REPORT_MAX_LINE
+    sshlog.REPORT_MAX_LINE = 80
+    try:
+        for size in (block, 1 << 20):
+            r = sshlog.EventReport()
+            r._scan(io.BytesIO(data), block_size=size)
+            results.append((r.lines, r.corrupt, json.dumps(r.result(), sort_keys=True)))
+    finally:
+        sshlog.REPORT_MAX_LINE = old
+    assert results[0] == results[1]
+    assert results[0][0] == data.count(b"\n") + (1 if data and not data.endswith(b"\n") else 0)
+
+
 # -- the BPF record decoder -------------------------------------------------------------------
 
 @SETTINGS
