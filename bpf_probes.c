@@ -96,13 +96,20 @@ struct rec_winsz {
 };
 
 #define SMALL_CAP 256
+#define MID_CAP 4096       /* most pty reads: a record reserves 4 KiB of ring, not 16 */
 #define BIG_CAP 16384
-struct rec_data_small {   /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP */
+struct rec_data_small {   /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP; also _mid, _big */
     struct rec_hdr h;
     u32 fd;
     u32 lost;             /* REC_TTY_*: bytes of this session and direction lost
                            * (ring full) since its previous record; else 0 */
     u8 data[SMALL_CAP];
+};
+struct rec_data_mid {
+    struct rec_hdr h;
+    u32 fd;
+    u32 lost;
+    u8 data[MID_CAP];
 };
 struct rec_data_big {
     struct rec_hdr h;
@@ -390,6 +397,29 @@ static __always_inline void emit_small(u32 which, u32 type, u32 tgid, u32 sess,
         ctl.ringbuf_submit(r, 0);
 }
 
+static __always_inline void emit_mid(u32 which, u32 type, u32 tgid, u32 sess,
+                                     s32 fd, const u8 *src, u32 n)
+{
+    struct rec_data_mid *r = which ? tty.ringbuf_reserve(sizeof(*r))
+                                   : ctl.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_drop(which);
+        if (which)
+            tty_loss_add(type, sess, n);
+        return;
+    }
+    fill_hdr(&r->h, type, tgid, sess);
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(MID_CAP));
+    r->h.len = n;
+    r->fd = fd;
+    r->lost = which ? tty_loss_take(type, sess) : 0;
+    bpf_probe_read_user(r->data, n, src);
+    if (which)
+        tty.ringbuf_submit(r, 0);
+    else
+        ctl.ringbuf_submit(r, 0);
+}
+
 static __always_inline void emit_big(u32 which, u32 type, u32 tgid, u32 sess,
                                      s32 fd, const u8 *src, u32 n)
 {
@@ -424,6 +454,8 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
         u32 n = total > BIG_CAP ? BIG_CAP : total;
         if (n <= SMALL_CAP)
             emit_small(which, type, tgid, sess, fd, src, n);
+        else if (n <= MID_CAP)
+            emit_mid(which, type, tgid, sess, fd, src, n);
         else
             emit_big(which, type, tgid, sess, fd, src, n);
         src += n;

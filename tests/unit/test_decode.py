@@ -59,6 +59,7 @@ def test_hand_computed_totals():
     # data records as the kernel reserves them: fixed part + data[SMALL_CAP] / data[BIG_CAP]
     assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.SMALL_CAP == 24 + 4 + 4 + 256 == 288
     assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.BIG_CAP == 24 + 4 + 4 + 16384 == 16416
+    assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.MID_CAP == 24 + 4 + 4 + 4096 == 4128
 
 
 @pytest.mark.parametrize("argv_cap", [256, 4096, 65536])
@@ -121,6 +122,7 @@ STRUCT_MIRRORS = [
     ("rec_u32", sshlog.RecU32, []),
     ("rec_winsz", sshlog.RecWinsz, []),
     ("rec_data_small", sshlog.RecDataHead, ["data"]),
+    ("rec_data_mid", sshlog.RecDataHead, ["data"]),
     ("rec_data_big", sshlog.RecDataHead, ["data"]),
     ("rec_upload_open", sshlog.RecUploadOpen, []),
     ("rec_upload_close", sshlog.RecUploadClose, []),
@@ -144,7 +146,7 @@ def test_record_type_numbers_match_c_enum():
     assert c_values == PY_REC_TYPES
 
 
-@pytest.mark.parametrize("name", ["FNAME_CAP", "LAST_ARG_CAP", "SMALL_CAP", "BIG_CAP",
+@pytest.mark.parametrize("name", ["FNAME_CAP", "LAST_ARG_CAP", "SMALL_CAP", "MID_CAP", "BIG_CAP",
                                   "PATH_CAP", "F_LISTENER", "F_SSHD", "F_USER", "F_CMD",
                                   "F_XFER", "F_MONITOR"])
 def test_c_defines_match_python(name):
@@ -378,7 +380,7 @@ def test_unknown_type_raises_value_error(rtype):
         sshlog.decode_record(hdr(rtype) + b"\0" * 64)
 
 
-RECORD_SIZES = sorted({len(r) for r in FULL_RECORDS.values()} | {288, 16416})
+RECORD_SIZES = sorted({len(r) for r in FULL_RECORDS.values()} | {288, 4128, 16416})
 
 
 @settings(max_examples=300, deadline=None, database=None,
