@@ -1999,23 +1999,20 @@ def event_line(event, as_json):
     return "%s %s" % (local_time(event.timestamp), event.text())
 
 
-class _EventLogHandler(logging.handlers.RotatingFileHandler):
-    """A RotatingFileHandler whose write errors reach the caller (logging
-    would print a traceback on stderr and carry on)."""
-
-    error = None
-
-    def handleError(self, record):
-        self.error = sys.exc_info()[1]
-
-
 @register_action("eventlogfile_action", "append each event to a size-rotated log file")
 class EventLogFile(Action):
-    """The event log.  At run time the file is checked before each event:
-    removed or replaced (its directory deleted, a rotation by another tool)
-    it is reopened, the directory recreated; when that or a write fails
-    (read-only or full file system) the event is counted as failed by the
-    runner, which reports once per interval, and the next event tries again."""
+    """The event log: one line per event, appended with one write(2) on an
+    O_APPEND file, so a line is never split by a crash or interleaved, and
+    nothing sits in a buffer.  (logging's RotatingFileHandler cost ~40 us per
+    event -- two stat() per record to decide on rollover, a lock, a flush --
+    and printed its write errors on stderr instead of raising them.)
+    Rotation as the original's: past max_size_mb the file becomes .1, .1
+    becomes .2, ... up to number_of_log_files (0: never rotate).
+    At run time the file is checked before each event: removed or replaced
+    (its directory deleted, a rotation by another tool) it is reopened, the
+    directory recreated; when that or a write fails (read-only or full file
+    system) the event is counted as failed by the runner, which reports once
+    per interval, and the next event tries again."""
 
     PARAMS = (Param("log_file_path", "str", help="file to write"),
               Param("max_size_mb", "number", 20, "rotate when the file reaches this size"),
@@ -2026,81 +2023,82 @@ class EventLogFile(Action):
         super().__init__(name, params)
         self.path = params["log_file_path"]
         self.as_json = params["output_json"]
-        self.handler = None
+        self.max_bytes = int(params["max_size_mb"] * 1024 * 1024)
+        self.backups = params["number_of_log_files"]
+        self.fd = None
+        self.size = 0
         self.failing = False
         self._open()                      # at start-up a log that cannot open is fatal
 
     def _open(self):
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), mode=0o700, exist_ok=True)
-        handler = _EventLogHandler(
-            self.path, maxBytes=int(self.params["max_size_mb"] * 1024 * 1024),
-            backupCount=self.params["number_of_log_files"], encoding="utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.chmod(self.path, 0o600)
-            if handler.stream.tell() > 0:
+            os.fchmod(fd, 0o600)
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
                 # a line cut short (a crash, a full disk) must not swallow the next one
-                with open(self.path, "rb") as f:
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        handler.stream.write("\n")
-                        handler.stream.flush()
+                self._write(fd, b"\n")
+                size += 1
         except BaseException:
-            self._discard(handler)
+            os.close(fd)
             raise
-        self.handler = handler
+        self.fd, self.size = fd, size
 
     @staticmethod
-    def _discard(handler):
-        try:
-            handler.close()
-        except OSError:                   # unwritten bytes on a full or gone file system
-            pass
+    def _write(fd, data):
+        while data:
+            n = os.write(fd, data)
+            data = data[n:]
+
+    def _close(self):
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
 
     def _in_place(self):
-        stream = self.handler.stream
-        if stream is None:
-            return False
         try:
-            st, fst = os.stat(self.path), os.fstat(stream.fileno())
+            st, fst = os.stat(self.path), os.fstat(self.fd)
         except OSError:
             return False
         return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
+    def _rotate(self):
+        self._close()
+        for i in range(self.backups - 1, 0, -1):
+            src = "%s.%d" % (self.path, i)
+            if os.path.lexists(src):
+                os.replace(src, "%s.%d" % (self.path, i + 1))
+        os.replace(self.path, self.path + ".1")
+        self._open()
+
     def handle(self, event):
-        line = event_line(event, self.as_json)
-        if self.handler is not None and not self._in_place():
+        data = (event_line(event, self.as_json) + "\n").encode("utf-8", "backslashreplace")
+        if self.fd is not None and not self._in_place():
             logging.getLogger("sshlog.action").warning(
                 "event log %s was removed or replaced: reopening it", self.path)
-            self._discard(self.handler)
-            self.handler = None
-        if self.handler is None:
-            try:
+            self._close()
+        try:
+            if self.fd is None:
                 self._open()
-            except OSError:
-                self.failing = True
-                raise
-        h = self.handler
-        h.error = None
-        h.handle(logging.makeLogRecord({"msg": line}))
-        if h.error is None:
-            try:
-                h.flush()
-            except OSError as e:
-                h.error = e
-        if h.error is not None:
-            error, h.error = h.error, None
+            elif self.max_bytes > 0 and self.backups > 0 and self.size and \
+                    self.size + len(data) > self.max_bytes:
+                self._rotate()
+            self._write(self.fd, data)
+        except OSError:
             self.failing = True
-            self._discard(h)              # reopened, and the partial line ended, next time
-            self.handler = None
-            raise error
+            self._close()                 # reopened, and a partial line ended, next time
+            raise
+        self.size += len(data)
         if self.failing:
             self.failing = False
             logging.getLogger("sshlog.action").warning("event log %s: writing again", self.path)
 
     def close(self):
-        if self.handler is not None:
-            self._discard(self.handler)
-            self.handler = None
+        self._close()
 
 
 # -- session recordings: sessionlog_action --

@@ -327,6 +327,7 @@ def main():
     res = {c: {k: [] for k in ("exec", "flood", "scp", "parallel", "getppid", "write")}
            for c in ("off", "on")}
     lost_bytes, lost_events, starts, rss_start, rss_end, drops = [], [], [], [], [], []
+    anon_start = []
     foreign = Foreign()
     pytests = subprocess.run(["pgrep", "-c", "-f", "pytest"], capture_output=True).stdout
     print("sshlog bench: %s, %d CPUs, load %s, %s pytest process(es) running, parts: %s" % (
@@ -357,6 +358,7 @@ def main():
                         daemon, took = start_daemon(os.path.join(work, "d%d" % r))
                         starts.append(took)
                         rss_start.append(status_kb(daemon.proc.pid, "VmRSS") / 1024.0)
+                        anon_start.append(status_kb(daemon.proc.pid, "RssAnon") / 1024.0)
                     foreign.sample(daemon)
                     line = ["round %d %-3s" % (r + 1, cond)]
                     if "exec" in parts or "flood" in parts:
@@ -417,6 +419,7 @@ def main():
             daemon, took = start_daemon(os.path.join(work, "idle"))
             starts.append(took)
             rss_start.append(status_kb(daemon.proc.pid, "VmRSS") / 1024.0)
+            anon_start.append(status_kb(daemon.proc.pid, "RssAnon") / 1024.0)
             time.sleep(2)
             foreign.sample(daemon)
             c0, t0 = cpu_seconds(daemon.proc.pid), time.monotonic()
@@ -487,9 +490,11 @@ def main():
     if starts:
         figures["start_s"] = median(starts)
         figures["rss_start_mb"] = median(rss_start)
-        out.append("%-40s %.2f s (median of %d); RSS %.0f MB after start%s" % (
-            "daemon start", median(starts), len(starts), median(rss_start),
-            ", %.0f MB peak in a round" % max(rss_end) if rss_end else ""))
+        figures["rss_anon_start_mb"] = median(anon_start)
+        out.append("%-40s %.2f s (median of %d)" % ("daemon start", median(starts), len(starts)))
+        out.append("%-40s %.0f MB after start (%.0f MB private, the rest libbcc/LLVM pages)%s"
+                   % ("daemon RSS", median(rss_start), median(anon_start),
+                      "; peak %.0f MB in a round" % max(rss_end) if rss_end else ""))
         if rss_end:
             figures["rss_peak_mb"] = max(rss_end)
     for kind, rep in report:

@@ -84,42 +84,57 @@ def test_a_cut_line_does_not_swallow_the_next_event(tmp_path):
     assert text[0] == '{"event_type": "command_fin' and json.loads(text[1])["pid"] == 7
 
 
-def test_write_errors_are_raised_not_printed(tmp_path, capsys):
-    """logging's handlers print '--- Logging error ---' tracebacks on stderr and
-    carry on; the event log must raise instead, so the runner counts the loss."""
+def test_write_errors_are_raised_not_printed(tmp_path, capsys, monkeypatch):
+    """A failed write (a full disk) reaches the runner as an exception: nothing on
+    stderr, nothing half-written left to glue onto the next event."""
     path = tmp_path / "event.log"
     a = sshlog.EventLogFile("log", params(path))
     a.handle(command_finish(pid=1))
+    real = sshlog.EventLogFile._write
 
-    class Broken:
-        def write(self, _s):
-            raise OSError(28, "No space left on device")
-
-        def flush(self):
-            pass
-
-        def seek(self, *_a):
-            return 0
-
-        def tell(self):
-            return 0
-
-        def fileno(self):
-            return os.open(str(path), os.O_RDONLY)
-
-        def close(self):
-            pass
-    real = a.handler.stream
-    a.handler.stream = Broken()
-    a._in_place = lambda: True
+    def half_then_enospc(fd, data):
+        os.write(fd, data[:20])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sshlog.EventLogFile, "_write", staticmethod(half_then_enospc))
     with pytest.raises(OSError, match="No space left"):
         a.handle(command_finish(pid=2))
-    real.close()
-    del a._in_place
-    assert "Logging error" not in capsys.readouterr().err
+    monkeypatch.setattr(sshlog.EventLogFile, "_write", staticmethod(real))
+    assert capsys.readouterr().err == ""
     a.handle(command_finish(pid=3))
-    assert [e["pid"] for e in lines(path)] == [1, 3]
+    text = path.read_text().splitlines()
+    assert len(text) == 3 and json.loads(text[0])["pid"] == 1 and json.loads(text[2])["pid"] == 3
+    assert len(text[1]) == 20, "the cut line stands alone"
     a.close()
+
+
+def test_rotation_keeps_number_of_log_files(tmp_path):
+    path = tmp_path / "event.log"
+    a = sshlog.EventLogFile("log", params(path, max_size_mb=0.01, number_of_log_files=2))
+    for pid in range(60):                       # ~1 KB per event, 10 KB per file
+        a.handle(command_finish(pid=pid))
+    a.close()
+    names = sorted(os.listdir(str(tmp_path)))
+    assert names == ["event.log", "event.log.1", "event.log.2"]
+    pids = []
+    for name in ("event.log.2", "event.log.1", "event.log"):
+        size = os.path.getsize(str(tmp_path / name))
+        assert size <= 0.01 * 1024 * 1024
+        pids += [e["pid"] for e in lines(str(tmp_path / name))]
+    assert pids == sorted(pids) and pids[-1] == 59, "oldest first, nothing reordered"
+    # and the report reads the rotations in order
+    r = sshlog.EventReport()
+    for p in sshlog.event_log_rotations(str(path)):
+        r.read(p)
+    assert r.result()["corrupt_lines"] == 0
+
+
+def test_no_rotation_without_backups(tmp_path):
+    path = tmp_path / "event.log"
+    a = sshlog.EventLogFile("log", params(path, max_size_mb=0.001, number_of_log_files=0))
+    for pid in range(10):
+        a.handle(command_finish(pid=pid))
+    a.close()
+    assert os.listdir(str(tmp_path)) == ["event.log"] and len(lines(path)) == 10
 
 
 def test_a_log_that_cannot_open_at_start_is_a_clear_error(tmp_path):
