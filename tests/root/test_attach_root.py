@@ -156,8 +156,8 @@ def test_watcher_smaller_than_the_session_sees_the_cursor_part(adaemon, sshd, us
         w.wait(lambda t: "Detached from TTY %d" % tty in t, 10, "detach")
 
 
-def test_injection_types_into_the_session(adaemon, sshd, users, watchers):
-    u = users["sshlogt1"]
+def test_injection_types_into_the_session(adaemon, target, watchers):
+    sshd, u = target.sshd, target.users["sshlogt1"]
     with harness.PtySession(sshd, u) as s:
         tty = session_ready(adaemon, s)
         w = watchers(adaemon, tty)
@@ -167,11 +167,12 @@ def test_injection_types_into_the_session(adaemon, sshd, users, watchers):
         w.keys("Enter")
         s.expect("Injected-\u20ac-42\r\n", timeout=10)
         w.wait(lambda t: re.search(r"^Injected-\u20ac-42$", t, re.M), 10, "the echo mirrored")
-        assert harness.wait_for(lambda: os.path.exists(marker), 5)
-        with open(marker, encoding="utf-8") as f:
+        on_host = sshd.host_path(marker)
+        assert harness.wait_for(lambda: os.path.exists(on_host), 5)
+        with open(on_host, encoding="utf-8") as f:
             assert f.read() == "Injected-\u20ac-42\n", "UTF-8 intact, run by the session's shell"
-        assert os.stat(marker).st_uid == u.uid
-        os.unlink(marker)
+        assert os.stat(on_host).st_uid == u.uid
+        os.unlink(on_host)
         w.keys("C-q")
         w.wait(lambda t: "Detached from TTY %d" % tty in t, 10, "detach")
     est = adaemon.wait_events(lambda e: e["event_type"] == "connection_established"
@@ -254,8 +255,8 @@ def test_attach_refuses_your_own_session(adaemon, sshd, users):
         os.unlink(SUDOERS)
 
 
-def test_kill_ends_the_session(adaemon, sshd, users, watchers):
-    u = users["sshlogt2"]
+def test_kill_ends_the_session(adaemon, target, watchers):
+    sshd, u = target.sshd, target.users["sshlogt2"]
     with harness.PtySession(sshd, u) as s:
         tty = session_ready(adaemon, s)
         w = watchers(adaemon, tty, readonly=True)

@@ -127,8 +127,8 @@ def asciinema_cat(path, timeout=120):
     return bytes(data)
 
 
-def test_interactive_session_recorded_byte_for_byte(rdaemon, sshd, users):
-    u = users["sshlogt1"]
+def test_interactive_session_recorded_byte_for_byte(rdaemon, target):
+    sshd, u = target.sshd, target.users["sshlogt1"]
     tok = token()
     with harness.PtySession(sshd, u) as s:
         tty = s.tty_name()
@@ -308,6 +308,15 @@ def test_terminal_loss_is_marked_where_it_happened(tmp_path, sshd, users):
                 assert s.run("seq 1 3000000", timeout=180) == 0      # 20.9 MB
             finally:
                 os.kill(d.proc.pid, signal.SIGCONT)
+            # once the daemon has drained the ring, output is recorded again
+            counts = []
+
+            def drained():
+                counts.append(d.status()["events"].get("terminal_update", 0))
+                return len(counts) > 2 and counts[-1] == counts[-2] == counts[-3]
+            harness.wait_for(drained, 120, interval=0.5, desc="the daemon to catch up")
+            after = token()
+            assert s.run("echo %s" % after) == 0
             s.sendline("exit")
             s.wait(30)
             client = s.output
@@ -328,7 +337,8 @@ def test_terminal_loss_is_marked_where_it_happened(tmp_path, sshd, users):
     k = len(client) - len(recorded) - lost
     assert 0 <= k < 400 and b"export PS1" in client[:k]
     assert len(client) - k == len(recorded) + lost, "recorded + lost = what the client saw"
-    assert recorded.endswith(b"logout\r\n"), "recording goes on after the gaps"
+    assert after.encode() + b"\r\n" in recorded and recorded.endswith(b"logout\r\n"), \
+        "recording goes on after the gaps"
 
 
 def test_replay_and_asciinema_take_every_recording(rdaemon):
