@@ -106,6 +106,7 @@ PROC = "/proc"
 TRACEFS = "/sys/kernel/tracing"
 BTF_VMLINUX = "/sys/kernel/btf/vmlinux"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
+DEV_PTS = "/dev/pts"                                     # pty slaves (window size, TIOCSTI)
 INSTALL_BIN = "/usr/local/bin/sshlog"                    # `install` copies the zipapp here
 SYSTEMD_UNIT = "/etc/systemd/system/sshlog.service"
 SYSTEMD_RUNNING = "/run/systemd/system"                  # exists when systemd is PID 1
@@ -2196,7 +2197,7 @@ def passwd_shell(uid, root="/"):
     return ""
 
 
-def pty_window_size(tty, dev="/dev/pts"):
+def pty_window_size(tty, dev=DEV_PTS):
     """(rows, cols) of /dev/pts/N, asked of the slave without reading from
     it (so no byte is taken from the session), or (0, 0)."""
     try:
@@ -2260,6 +2261,7 @@ class SessionRecording:
         self.next_out = self.next_in = None   # expected stream offsets (queue-loss check)
         self.capped = False
         self.broken = False
+        self.admin_typing = False             # an admin's typing is marked once per attach
         self.log_at_line_start = True
         self.last_mark = event.timestamp     # last [[ sshlog time ]] line
         self.username = event.username
@@ -2453,6 +2455,22 @@ class SessionRecording:
             label = printable(ev.args)
             self.cast(ev.timestamp, "m", label[:256] + ("..." if len(label) > 256 else ""))
 
+    def admin(self, ev):
+        """An admin attached, typed or killed: said in both files (what was
+        typed shows in the output anyway: one marker where typing starts)."""
+        if ev.action == "input":
+            if self.admin_typing:
+                return
+            self.admin_typing = True
+        elif ev.action in ("attach", "detach"):
+            self.admin_typing = False
+        if not self.capped:
+            self.marker(ev.timestamp, printable("%s by %s (uid %d, pid %d)%s" % (
+                {"attach": "attached", "detach": "detached", "input": "typing",
+                 "kill": "killed"}.get(ev.action, ev.action), ev.admin_name or "?",
+                ev.admin_uid, ev.admin_pid, ", read-only" if ev.action == "attach" and
+                ev.readonly else "")))
+
     def finish(self, ts, why=None):
         """The connection ended (or is no longer there): footer, flush, close."""
         try:
@@ -2578,6 +2596,8 @@ class SessionLog(Action):
                 self._guard(rec, rec.resize, event)
             elif kind == "command_start":
                 self._guard(rec, rec.command, event)
+            elif kind == "session_attach":
+                self._guard(rec, rec.admin, event)
             if (rec.dirty_since is not None or not rec.header_done) and \
                     not self.wake.is_set():
                 self.wake.set()
@@ -4018,6 +4038,10 @@ class AttachHub:
                 client.resync = False
             return self._snapshot(ptm, rows, cols)
 
+    def count(self):
+        with self.lock:
+            return sum(len(c) for c in self.clients.values())
+
     def unsubscribe(self, ptm, client):
         with self.lock:
             left = [c for c in self.clients.get(ptm, ()) if c is not client]
@@ -4133,7 +4157,7 @@ class SessionInput:
 
     WRITE_WAIT = 5.0              # seconds a full pty input queue may hold us
 
-    def __init__(self, s, proc=PROC, dev="/dev/pts"):
+    def __init__(self, s, proc=PROC, dev=DEV_PTS):
         self.s, self.proc, self.dev = s, proc, dev
         self.fd = None
         self.how = None
@@ -4551,7 +4575,7 @@ class Daemon:
                 "sessions": len(self.tracker.sessions()),
                 "config_files": self.pipeline.config.files if self.pipeline else [],
                 "terminal_lost_bytes": self.tracker.tty_lost_bytes,
-                "attached": sum(len(c) for c in list(self.attach_hub.clients.values())),
+                "attached": self.attach_hub.count(),
                 "session_injection": self.inject, "input_capture": self.capture_input}
 
     # -- the loop --

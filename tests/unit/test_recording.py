@@ -362,7 +362,7 @@ def test_the_embedded_default_records_every_session():
     rule = [r for r in config.rules if any(plugins[a][0] == "sessionlog_action"
                                            for a in r.actions)][0]
     assert {"connection_established", "connection_close", "terminal_update",
-            "terminal_resize", "command_start"} <= rule.triggers
+            "terminal_resize", "command_start", "session_attach"} <= rule.triggers
     assert not sshlog.config_wants_input(config)
 
 
@@ -735,3 +735,21 @@ def test_kill_never_signals_an_unverified_pid(api, monkeypatch):
     assert not reply["ok"] and "cannot be verified; nothing signalled" in reply["error"]
     assert signalled == []
     assert [(e.action, e.detail_text[:7]) for e in daemon.audited] == [("kill", "failed:")]
+
+
+def test_admin_actions_are_marked_in_the_recording(tmp_path):
+    admin = dict(admin_uid=0, admin_pid=777, admin_name="root")
+    run(action(tmp_path), ev(sshlog.ConnectionEstablished),
+        ev(sshlog.SessionAttach, 0.1, action="attach", readonly=False, **admin),
+        ev(sshlog.SessionAttach, 0.2, action="input", data_len=1, **admin),
+        ev(sshlog.SessionAttach, 0.3, action="input", data_len=1, **admin),
+        ev(sshlog.SessionAttach, 0.4, action="detach", **admin),
+        ev(sshlog.SessionAttach, 0.5, action="kill", **admin),
+        ev(sshlog.ConnectionClose, 1))
+    _, events = read_cast(tmp_path / "rec" / "ssh_4242.cast")
+    assert [e[2] for e in events if e[1] == "m"] == [
+        "sshlog: attached by root (uid 0, pid 777)", "sshlog: typing by root (uid 0, pid 777)",
+        "sshlog: detached by root (uid 0, pid 777)", "sshlog: killed by root (uid 0, pid 777)",
+        "sshlog: connection closed"]
+    log = (tmp_path / "rec" / "ssh_4242.log").read_text()
+    assert "[[ sshlog killed by root (uid 0, pid 777) ]]\n" in log
