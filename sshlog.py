@@ -2118,14 +2118,17 @@ class EventLogFile(Action):
 # Output is decoded incrementally, so a character split across two reads
 # stays whole; bytes that are not UTF-8 are backslash-escaped, never dropped.
 
+# (each starts with a lookahead, so the engine skips to the next ESC instead of trying
+# every branch at every character)
 _ESC_SEQ = re.compile(
     # complete sequences: CSI, 8-bit CSI, OSC to BEL/ST (titles), DCS/PM/APC/SOS to ST,
     # two-byte and charset escapes (any final but those that open the kinds above)
-    r"(\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)"
-    r"|\x1b[P^_X][^\x1b]*\x1b\\|\x1b[ -/]*[0-OQ-WYZ\\`-~])"
-    # or the start of one, cut at the end of the chunk
-    r"|(\x1b\[[0-?]*[ -/]*\Z|\x9b[0-?]*[ -/]*\Z|\x1b\][^\x07\x1b]*\x1b?\Z"
-    r"|\x1b[P^_X][^\x1b]*\x1b?\Z|\x1b[ -/]*\Z)")
+    r"(?=[\x1b\x9b])(?:\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
+    r"|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[P^_X][^\x1b]*\x1b\\|\x1b[ -/]*[0-OQ-WYZ\\`-~])")
+_ESC_CUT = re.compile(
+    # the start of one, cut at the end of the chunk
+    r"(?=[\x1b\x9b])(?:\x1b\[[0-?]*[ -/]*|\x9b[0-?]*[ -/]*|\x1b\][^\x07\x1b]*\x1b?"
+    r"|\x1b[P^_X][^\x1b]*\x1b?|\x1b[ -/]*)\Z")
 _CONTROL_KEYS = {c: "[Ctrl+%s]" % chr(c + 64) for c in
                  list(range(0x01, 0x07)) + [0x0B, 0x0C] + list(range(0x0E, 0x1B))}
 _CONTROL_KEYS.update({0x1C: "[Ctrl+\\]", 0x1D: "[Ctrl+]]", 0x1E: "[Ctrl+^]", 0x1F: "[Ctrl+/]",
@@ -2146,14 +2149,13 @@ class TerminalText:
 
     def feed(self, text, final=False):
         text, self.carry = self.carry + text, ""
-
-        def strip(m):
-            if m.group(2) is not None and not final:
-                self.carry = m.group(2)
-            return ""
-        text = _ESC_SEQ.sub(strip, text)
-        if len(self.carry) > self.CARRY_MAX:
-            self.carry = ""
+        if "\x1b" in text or "\x9b" in text:
+            text = _ESC_SEQ.sub("", text)
+            cut = _ESC_CUT.search(text)
+            if cut:
+                text = text[:cut.start()]
+                if not final and len(cut.group()) <= self.CARRY_MAX:
+                    self.carry = cut.group()
         return text.translate(_CONTROL_KEYS)
 
 
