@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -219,18 +218,20 @@ def run_parallel(sshd, user, sessions, commands, tag):
     return max(e for _, e in results) - min(s for s, _ in results)
 
 
-def count_finished(daemon, tag, expected, timeout=60):
-    """command_finish lines of /bin/true TAG-... in the text event log, once they stop growing."""
+def count_finished(daemon, tag, expected, timeout=120, settle=5.0):
+    """command_finish lines of /bin/true TAG-... in the text event log, once all are
+    there or the count has not moved for `settle` seconds (the daemon may lag behind)."""
     pattern = " execute complete (exit code: 0) /bin/true %s-" % tag
-    last, deadline = -1, time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    last, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
+    while True:
         with open(daemon.text_log, errors="replace") as f:
             n = sum(1 for line in f if pattern in line)
-        if n >= expected or n == last:
+        now = time.monotonic()
+        if n != last:
+            last, since = n, now
+        if n >= expected or now - since >= settle or now >= deadline:
             return n
-        last = n
-        time.sleep(1.0)
-    return last
+        time.sleep(0.5)
 
 
 def build_syscall_loop(work):
@@ -263,19 +264,20 @@ def bench_report(work, events, as_json):
         eventlog_gen.generate(f, events, as_json)
     gen = time.monotonic() - t0
     size = os.path.getsize(path)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
-    r = subprocess.run(sshlog_argv() + ["report", "--since", "all", "--format", "json", path],
-                       capture_output=True)
+    p = subprocess.Popen(sshlog_argv() + ["report", "--since", "all", "--format", "json", path],
+                         stdout=subprocess.PIPE)
+    out = p.stdout.read()
+    _pid, status, ru = os.wait4(p.pid, 0)         # this child's own rusage
     took = time.monotonic() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if r.returncode != 0:
-        raise RuntimeError("report failed: %s" % r.stderr.decode(errors="replace"))
-    data = json.loads(r.stdout)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise RuntimeError("report failed (%s)" % p.returncode)
+    data = json.loads(out)
     os.unlink(path)
-    return {"events": data["events"], "seconds": took, "cpu": (after.ru_utime - before.ru_utime)
-            + (after.ru_stime - before.ru_stime), "rss_mb": after.ru_maxrss / 1024.0,
-            "size_mb": size / 1e6, "generated_in": gen, "corrupt": data["corrupt_lines"]}
+    return {"events": data["events"], "seconds": took, "cpu": ru.ru_utime + ru.ru_stime,
+            "rss_mb": ru.ru_maxrss / 1024.0, "size_mb": size / 1e6, "generated_in": gen,
+            "corrupt": data["corrupt_lines"]}
 
 
 # -- main -------------------------------------------------------------------------------------
