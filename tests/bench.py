@@ -264,20 +264,27 @@ def bench_report(work, events, as_json):
         eventlog_gen.generate(f, events, as_json)
     gen = time.monotonic() - t0
     size = os.path.getsize(path)
+    # GNU time measures the report alone (a child's ru_maxrss would count the pages it
+    # shared with this big process between fork and exec)
+    timer = ["/usr/bin/time", "-f", "TIME %e %U %S %M", "-o", path + ".time"] \
+        if os.path.exists("/usr/bin/time") else []
     t0 = time.monotonic()
-    p = subprocess.Popen(sshlog_argv() + ["report", "--since", "all", "--format", "json", path],
-                         stdout=subprocess.PIPE)
-    out = p.stdout.read()
-    _pid, status, ru = os.wait4(p.pid, 0)         # this child's own rusage
+    r = subprocess.run(timer + sshlog_argv() + ["report", "--since", "all", "--format", "json",
+                                                path], stdout=subprocess.PIPE)
     took = time.monotonic() - t0
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError("report failed (%s)" % p.returncode)
-    data = json.loads(out)
+    if r.returncode != 0:
+        raise RuntimeError("report failed (%s)" % r.returncode)
+    data = json.loads(r.stdout)
+    cpu = rss = float("nan")
+    if timer:
+        with open(path + ".time") as f:
+            m = re.search(r"TIME ([\d.]+) ([\d.]+) ([\d.]+) (\d+)", f.read())
+        took, cpu, rss = float(m.group(1)), float(m.group(2)) + float(m.group(3)), \
+            int(m.group(4)) / 1024.0
+        os.unlink(path + ".time")
     os.unlink(path)
-    return {"events": data["events"], "seconds": took, "cpu": ru.ru_utime + ru.ru_stime,
-            "rss_mb": ru.ru_maxrss / 1024.0, "size_mb": size / 1e6, "generated_in": gen,
-            "corrupt": data["corrupt_lines"]}
+    return {"events": data["events"], "seconds": took, "cpu": cpu, "rss_mb": rss,
+            "size_mb": size / 1e6, "generated_in": gen, "corrupt": data["corrupt_lines"]}
 
 
 # -- main -------------------------------------------------------------------------------------
