@@ -3871,15 +3871,21 @@ def _sgr(ch):
         _sgr_color(ch.fg, 30), _sgr_color(ch.bg, 40))
 
 
-def screen_lines(screen, top=0, left=0, rows=None, cols=None):
+def screen_lines(screen, top=0, left=0, rows=None, cols=None, buffer=None):
     """ANSI text of each line of a pyte screen's viewport (no positioning):
-    characters with their colours and attributes, trailing blanks dropped."""
+    characters with their colours and attributes, trailing blanks dropped.
+    `buffer`: another set of lines of that screen (the saved main screen)."""
     rows = screen.lines if rows is None else rows
     cols = screen.columns if cols is None else cols
+    buffer = screen.buffer if buffer is None else buffer
     default = _sgr(screen.default_char)
+    blank = {}
     out = []
     for y in range(top, min(top + rows, screen.lines)):
-        line = screen.buffer[y]
+        line = buffer.get(y, blank)
+        if line is blank:
+            out.append("")
+            continue
         end = min(left + cols, screen.columns)
         while end > left and line[end - 1].data in (" ", "") and \
                 _sgr(line[end - 1]) == default:
@@ -3898,15 +3904,101 @@ def screen_lines(screen, top=0, left=0, rows=None, cols=None):
     return out
 
 
+_pyte_classes = {}
+
+
+def pyte_screen(cols, rows):
+    """A pyte Screen that also keeps xterm's alternate screen (modes 47, 1047,
+    1049: vim, less, top): entering saves the main screen and clears,
+    leaving brings it back, as the session's own terminal does.
+    `saved` holds (main lines, cursor x, y) while the alternate one is up."""
+    import pyte
+    from pyte.screens import StaticDefaultDict
+    cls = _pyte_classes.get("screen")
+    if cls is None:
+        alt = frozenset(m << 5 for m in (47, 1047, 1049))
+
+        class AltScreen(pyte.Screen):
+            saved = None
+
+            def set_mode(self, *modes, **kwargs):
+                if kwargs.get("private") and alt & {m << 5 for m in modes}:
+                    if self.saved is None:
+                        lines = {}
+                        for y, line in self.buffer.items():
+                            lines[y] = StaticDefaultDict(line.default)
+                            lines[y].update(line)
+                        self.saved = (lines, self.cursor.x, self.cursor.y)
+                        self.buffer.clear()
+                        self.dirty.update(range(self.lines))
+                    modes = [m for m in modes if m << 5 not in alt]
+                super().set_mode(*modes, **kwargs)
+
+            def reset_mode(self, *modes, **kwargs):
+                if kwargs.get("private") and alt & {m << 5 for m in modes}:
+                    if self.saved is not None:
+                        lines, x, y = self.saved
+                        self.saved = None
+                        self.buffer.clear()
+                        self.buffer.update((k, v) for k, v in lines.items() if k < self.lines)
+                        self.cursor.x, self.cursor.y = min(x, self.columns - 1), \
+                            min(y, self.lines - 1)
+                        self.dirty.update(range(self.lines))
+                    modes = [m for m in modes if m << 5 not in alt]
+                super().reset_mode(*modes, **kwargs)
+
+            def reset(self):
+                self.saved = None
+                super().reset()
+        cls = _pyte_classes["screen"] = AltScreen
+    return cls(max(cols, 1), max(rows, 1))
+
+
+_tolerant_streams = {}
+# CSI sequences with a `<`, `=` or `>` marker (xterm's modifyOtherKeys `CSI > 4;2 m`,
+# secondary device attributes): pyte 0.8 skips the marker and would run them as the
+# plain sequence (underline everything)
+_MARKED_CSI = {False: re.compile("\x1b\\[[<=>][0-?]*[ -/]*[@-~]"),
+               True: re.compile(b"\x1b\\[[<=>][0-?]*[ -/]*[@-~]")}
+
+
+def pyte_stream(screen, byte=False):
+    """A pyte stream (ByteStream for bytes) feeding `screen` that survives
+    what pyte 0.8 gets wrong: sequences with a `<=>` marker are dropped
+    before it sees them, and a handler that raises (`CSI ? 4 m` reaches
+    select_graphic_rendition with private=True, a TypeError) only loses
+    that sequence (pyte has reset its parser already)."""
+    import pyte
+    if byte not in _tolerant_streams:
+        marked = _MARKED_CSI[byte]
+
+        class Tolerant(pyte.ByteStream if byte else pyte.Stream):
+            def feed(self, data):
+                super().feed(marked.sub(data[:0], data))
+
+            def _send_to_parser(self, data):
+                try:
+                    return super()._send_to_parser(data)
+                except Exception:
+                    return self._taking_plain_text
+        _tolerant_streams[byte] = Tolerant
+    return _tolerant_streams[byte](screen)
+
+
 def render_screen(data, rows, cols):
     """The screen `data` (a session's recent output) leaves on a terminal of
     rows x cols, as ANSI text that redraws it on a terminal of that size:
     clear, every line, then the cursor where the session has it."""
-    import pyte                   # vendored in the zipapp; only needed here
-    screen = pyte.Screen(max(cols, 1), max(rows, 1))
-    stream = pyte.ByteStream(screen)
+    screen = pyte_screen(cols, rows)        # pyte: vendored, imported only now
+    stream = pyte_stream(screen, byte=True)
     stream.feed(data)
     out = ["\x1b[0m\x1b[H\x1b[2J"]
+    if screen.saved is not None:      # a full-screen program is up: the main screen first
+        lines, x, y = screen.saved
+        for n, line in enumerate(screen_lines(screen, buffer=lines)):
+            if line:
+                out.append("\x1b[%d;1H%s" % (n + 1, line))
+        out.append("\x1b[%d;%dH\x1b[?1049h\x1b[H\x1b[2J" % (y + 1, x + 1))
     for y, line in enumerate(screen_lines(screen)):
         if line:
             out.append("\x1b[%d;1H%s" % (y + 1, line))
@@ -5639,27 +5731,28 @@ def read_cast(f, name, warn):
 def cast_text(header, events, write):
     """The text a recording's output leaves, through a terminal emulator
     (pyte) of the recorded size: every line that scrolls off or is cleared
-    away, then the final screen; resizes followed."""
-    import pyte
+    away, then the final screen; resizes followed.  What full-screen
+    programs show on the alternate screen (vim, less) is left out."""
+    alt_screen = type(pyte_screen(1, 1))
 
-    class Transcript(pyte.Screen):
+    class Transcript(alt_screen):
         def line_text(self, y):
             return "".join(self.buffer[y][x].data for x in range(self.columns)).rstrip()
 
         def index(self):
             top, bottom = self.margins or (0, self.lines - 1)
-            if self.cursor.y == bottom and top == 0:
+            if self.cursor.y == bottom and top == 0 and self.saved is None:
                 write(self.line_text(0) + "\n")
             super().index()
 
         def resize(self, lines=None, columns=None):
-            if lines is not None and lines < self.lines:       # the top lines go
-                for y in range(self.lines - lines):
+            if lines is not None and lines < self.lines and self.saved is None:
+                for y in range(self.lines - lines):             # the top lines go
                     write(self.line_text(y) + "\n")
             super().resize(lines, columns)
 
         def erase_in_display(self, how=0, *args, **kwargs):
-            if how in (2, 3):
+            if how in (2, 3) and self.saved is None:
                 lines = [self.line_text(y) for y in range(self.lines)]
                 while lines and not lines[-1]:
                     lines.pop()
@@ -5667,8 +5760,8 @@ def cast_text(header, events, write):
                     write(line + "\n")
             super().erase_in_display(how, *args, **kwargs)
 
-    screen = Transcript(header["width"], header["height"])
-    stream = pyte.Stream(screen)
+    screen = Transcript(max(header["width"], 1), max(header["height"], 1))
+    stream = pyte_stream(screen)
     for _t, code, data in events:
         if code == "o":
             stream.feed(data)
@@ -5728,6 +5821,8 @@ def cmd_replay(args):
 # -- attach and kill --
 
 DETACH_KEY = b"\x11"              # Ctrl+Q
+# output after which the status line below a mirrored session is drawn again
+_STATUS_WIPERS = ("\x1b[2J", "\x1b[J", "\x1b[0J", "\x1b[?1049", "\x1b[?1047", "\x1b[?47")
 
 
 class AttachView:
@@ -5770,9 +5865,8 @@ class AttachView:
             self.write("\x1b[r\x1b[0m\x1b[H\x1b[2J\x1b[1;%dr" % self.srows + ansi +
                        "\x1b7" + self._status_at() + "\x1b8")
         else:
-            import pyte
-            self.screen = pyte.Screen(self.scols, self.srows)
-            self.stream = pyte.Stream(self.screen)
+            self.screen = pyte_screen(self.scols, self.srows)
+            self.stream = pyte_stream(self.screen)
             self.stream.feed(ansi)
             self.write("\x1b[r\x1b[0m\x1b[H\x1b[2J")
             self.redraw(full=True)
@@ -5783,8 +5877,8 @@ class AttachView:
     def output(self, text):
         if self.screen is None:
             self.write(text)
-            if "\x1b[2J" in text or "\x1b[J" in text or "\x1b[0J" in text:
-                self.write("\x1b7" + self._status_at() + "\x1b8")   # cleared with the screen
+            if any(seq in text for seq in _STATUS_WIPERS):     # cleared, or another screen
+                self.write("\x1b7" + self._status_at() + "\x1b8")
         else:
             self.stream.feed(text)
             self.dirty = True
@@ -6140,8 +6234,9 @@ def install(source, bin_path=INSTALL_BIN, conf_dir=CONF_DIR, unit_path=SYSTEMD_U
                 m["dirs"].append(d)
                 say("%s/: created" % d)
         confd = os.path.join(conf_dir, "conf.d")
-        if any(n.endswith((".yaml", ".yml")) for n in os.listdir(confd)):
-            say("%s/: has a configuration already, kept as it is" % confd)
+        if any(n.endswith((".yaml", ".yml")) for n in os.listdir(confd)) or \
+                os.path.exists(os.path.join(conf_dir, "sshlog.yaml")):
+            say("%s: has a configuration already, kept as it is" % conf_dir)
         else:
             for name, data in embedded_config_files("conf.d"):
                 path = os.path.join(confd, name)

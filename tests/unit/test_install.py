@@ -84,6 +84,14 @@ def test_install_keeps_the_administrators_files(root):
     assert sample not in m["files"] and "group_created" not in m
 
 
+def test_a_main_configuration_file_counts_as_configuration(root):
+    r, src, paths = root
+    os.makedirs(paths["conf_dir"])
+    open(os.path.join(paths["conf_dir"], "sshlog.yaml"), "w").write("events: []\n")
+    do_install(src, paths, group="root")
+    assert os.listdir(os.path.join(paths["conf_dir"], "conf.d")) == []
+
+
 def test_reinstall_updates_the_program_and_is_otherwise_idempotent(root):
     r, src, paths = root
     do_install(src, paths)
