@@ -103,7 +103,7 @@ def server_part(client, recorded):
     return client[k:]
 
 
-def asciinema_cat(path, timeout=120):
+def asciinema_cat(path, timeout=300):
     """`asciinema cat FILE` (it opens /dev/tty, so it runs on a pty); its output."""
     import pty
     pid, fd = pty.fork()

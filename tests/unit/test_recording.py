@@ -753,3 +753,43 @@ def test_admin_actions_are_marked_in_the_recording(tmp_path):
         "sshlog: connection closed"]
     log = (tmp_path / "rec" / "ssh_4242.log").read_text()
     assert "[[ sshlog killed by root (uid 0, pid 777) ]]\n" in log
+
+
+@pytest.mark.parametrize("data", [
+    b"\x1b[>4;2mvim\x1b[?4m text",            # modifyOtherKeys; a private SGR pyte rejects
+    b"\x1b[?1049h\x1b[22;0;0t\x1b[>c\x1b[?u\x1b]11;?\x07vim text",
+])
+def test_pyte_never_breaks_on_what_full_screen_programs_send(data):
+    pyte = pytest.importorskip("pyte")
+    ansi = sshlog.render_screen(data, 5, 30)
+    screen = pyte.Screen(30, 5)
+    sshlog.pyte_stream(screen).feed(ansi)
+    assert "text" in screen.display[0]
+    assert not any(screen.buffer[0][x].underscore for x in range(30))
+
+
+def test_the_alternate_screen_of_full_screen_programs():
+    pyte = pytest.importorskip("pyte")
+    before = b"line one\r\n$ vim x\r\n\x1b[?1049h\x1b[H\x1b[2J\x1b[1;1Hvim buffer\x1b[5;1H:"
+    # attached while vim runs: the main screen first, then the alternate one over it
+    ansi = sshlog.render_screen(before, 5, 20)
+    main_part, alt_part = ansi.split("\x1b[?1049h")
+    assert "line one" in main_part and "$ vim x" in main_part and "vim buffer" not in main_part
+    assert "vim buffer" in alt_part
+    screen = sshlog.pyte_screen(20, 5)
+    stream = sshlog.pyte_stream(screen)
+    stream.feed(ansi)
+    assert screen.display[0].startswith("vim buffer")
+    stream.feed("\x1b[?1049l")                     # vim exits: the shell's screen is back
+    assert screen.display[:2] == ["line one".ljust(20), "$ vim x".ljust(20)]
+    # after vim: the render is the shell's screen again
+    after = sshlog.render_screen(before + b"\x1b[?1049l$ ", 5, 20)
+    assert "vim buffer" not in after and "\x1b[?1049h" not in after and "line one" in after
+
+
+def test_replay_text_leaves_out_the_alternate_screen(tmp_path):
+    path = write_cast(tmp_path / "v.cast", [
+        HEADER, '[0.1, "o", "before\\r\\n"]',
+        '[0.2, "o", "\\u001b[?1049h\\u001b[2Jin vim\\r\\nmore\\r\\nand more\\r\\nscrolls"]',
+        '[0.3, "o", "\\u001b[?1049lafter\\r\\n"]'])
+    assert run_cli("replay", "--text", path)[1].splitlines() == ["before", "after"]
