@@ -793,3 +793,72 @@ def test_replay_text_leaves_out_the_alternate_screen(tmp_path):
         '[0.2, "o", "\\u001b[?1049h\\u001b[2Jin vim\\r\\nmore\\r\\nand more\\r\\nscrolls"]',
         '[0.3, "o", "\\u001b[?1049lafter\\r\\n"]'])
     assert run_cli("replay", "--text", path)[1].splitlines() == ["before", "after"]
+
+
+# ---------------------------------------------------------------------------------------
+# typing into a terminal from outside: pidfd_getfd on a master, TIOCSTI as the fallback
+
+def _pty_index(fd):
+    return int(os.ttyname(fd).rsplit("/", 1)[1])
+
+
+def test_pidfd_getfd_takes_a_copy_of_another_process_fd(tmp_path):
+    import subprocess
+    master, slave = os.openpty()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                             pass_fds=(master,))
+    try:
+        try:
+            fd = sshlog.pidfd_getfd(child.pid, master)
+        except OSError as e:
+            pytest.skip("pidfd_getfd not allowed here: %s" % e)
+        try:
+            os.write(fd, "h\u00e9\u20ac\n".encode())
+            assert os.read(slave, 100) == "h\u00e9\u20ac\n".encode()
+        finally:
+            os.close(fd)
+    finally:
+        child.kill()
+        child.wait()
+        os.close(master)
+        os.close(slave)
+
+
+def test_session_input_falls_back_to_tiocsti(monkeypatch):
+    if os.geteuid() != 0:
+        pytest.skip("TIOCSTI into a terminal that is not ours needs root")
+    master, slave = os.openpty()
+    try:
+        s = sshlog.Session(ptm_pid=999999, session_id="x", start=0, tty=_pty_index(slave))
+        typing = sshlog.SessionInput(s)
+        try:
+            typing.write("ls \u20ac\n".encode())
+        except OSError as e:
+            pytest.skip("TIOCSTI refused here (dev.tty.legacy_tiocsti=0?): %s" % e)
+        finally:
+            typing.close()
+        assert typing.how == "TIOCSTI"
+        assert os.read(slave, 100) == "ls \u20ac\n".encode()
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_secret_prompt_is_echo_off_in_canonical_mode():
+    import termios
+    master, slave = os.openpty()
+    try:
+        s = sshlog.Session(ptm_pid=1, session_id="x", start=0, tty=_pty_index(slave))
+        typing = sshlog.SessionInput(s)
+        typing.fd, typing.how = os.dup(master), "test"
+        attrs = termios.tcgetattr(slave)
+        for lflag, secret in ((attrs[3] | termios.ECHO | termios.ICANON, False),
+                              (attrs[3] & ~termios.ECHO | termios.ICANON, True),   # sudo
+                              (attrs[3] & ~(termios.ECHO | termios.ICANON), False)):  # readline
+            attrs[3] = lflag
+            termios.tcsetattr(slave, termios.TCSANOW, attrs)
+            assert typing.secret_prompt() is secret
+        typing.close()
+    finally:
+        os.close(master)
+        os.close(slave)
