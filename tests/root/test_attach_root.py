@@ -4,12 +4,10 @@ tmux runs on a private server socket (-L) per test, killed by that socket at the
 The module daemon runs with --enable-session-injection; one test starts a second daemon
 without it.
 """
-import base64
 import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import time
 import uuid
