@@ -76,6 +76,21 @@ struct rec_exec {
     char argv[ARGV_CAP + LAST_ARG_CAP];  /* argc NUL-terminated strings */
 };
 
+/* Most command lines are short: they take a record an eighth the size of
+ * rec_exec (same layout, smaller argv), so an exec storm on a loaded machine
+ * keeps eight times as many commands in flight before the ring is full. */
+#define SMALL_ARGV 512
+struct rec_exec_small {
+    struct rec_hdr h;
+    u32 ppid;
+    u32 uid;
+    u16 argc;
+    u16 truncated;
+    u32 fname_len;
+    char fname[FNAME_CAP];
+    char argv[SMALL_ARGV + LAST_ARG_CAP];
+};
+
 struct rec_exit {
     struct rec_hdr h;
     s32 status;           /* wait(2) status; -1 when unknown */
@@ -590,48 +605,78 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     return 0;
 }
 
-/* Read argv from the new process's stack: at sched_process_exec the kernel
- * has just copied the strings there, so they are resident (reading the
- * execve() argument pointers at syscall entry can fault and come back
- * empty).  The strings are contiguous from argv[0] up to envp[0]. */
-static __always_inline void read_argv(struct rec_exec *r)
+/* Where argv lies on the new process's stack: at sched_process_exec the
+ * kernel has just copied the strings there, so they are resident (reading the
+ * execve() argument pointers at syscall entry can fault and come back empty).
+ * The strings are contiguous from argv[0] up to envp[0]; without an
+ * environment (env -i) the last argument is read on its own. */
+struct argv_span { u64 argc; u64 a0; u64 alast; u64 total; };
+
+static __always_inline void argv_locate(struct argv_span *v)
 {
     struct task_struct *task = bpf_get_current_task_btf();
     u64 regs = bpf_task_pt_regs(task);
-    u64 sp = 0, argc = 0, a0 = 0, alast = 0, e0 = 0;
+    u64 sp = 0, e0 = 0;
     bpf_probe_read_kernel(&sp, sizeof(sp), (void *)(regs + 152)); /* x86_64 pt_regs.sp */
-    bpf_probe_read_user(&argc, sizeof(argc), (void *)sp);
-    r->argc = argc > 0xffff ? 0xffff : argc;
-    r->truncated = 0;
-    r->h.len = 0;
-    if (argc == 0 || argc > 0x100000)
+    bpf_probe_read_user(&v->argc, sizeof(v->argc), (void *)sp);
+    if (v->argc == 0 || v->argc > 0x100000) {
+        v->argc = 0;
         return;
-    bpf_probe_read_user(&a0, sizeof(a0), (void *)(sp + 8));
-    bpf_probe_read_user(&e0, sizeof(e0), (void *)(sp + 16 + 8 * argc));
-    u64 total = e0 > a0 ? e0 - a0 : 0;
-    if (total == 0 || total > (1 << 24)) {
-        /* no environment (env -i): end = last argument + its length */
-        bpf_probe_read_user(&alast, sizeof(alast), (void *)(sp + 8 * argc));
-        u64 head = alast > a0 ? alast - a0 : 0;
-        if (head >= ARGV_CAP) {
-            total = ARGV_CAP + 1;
-        } else {
-            bpf_probe_read_user(r->argv, head & (ARGV_CAP - 1), (void *)a0);
-            long n = bpf_probe_read_user_str(r->argv + (head & (ARGV_CAP - 1)),
-                                             LAST_ARG_CAP, (void *)alast);
-            r->h.len = head + (n > 0 ? n : 0);
-            r->truncated = n == LAST_ARG_CAP;
-            return;
-        }
     }
-    if (total > ARGV_CAP) {
-        r->truncated = 1;
-        total = ARGV_CAP;
+    bpf_probe_read_user(&v->a0, sizeof(v->a0), (void *)(sp + 8));
+    bpf_probe_read_user(&e0, sizeof(e0), (void *)(sp + 16 + 8 * v->argc));
+    v->total = e0 > v->a0 ? e0 - v->a0 : 0;
+    if (v->total == 0 || v->total > (1 << 24)) {
+        v->total = 0;
+        bpf_probe_read_user(&v->alast, sizeof(v->alast), (void *)(sp + 8 * v->argc));
     }
-    u32 n = total;
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(ARGV_CAP));
-    bpf_probe_read_user(r->argv, n, (void *)a0);
-    r->h.len = n;
+}
+
+/* Copy the argv strings into a record whose argv holds CAP + LAST_ARG_CAP
+ * bytes (a macro only so that CAP is a constant for the verifier's clamp). */
+#define DEFINE_ARGV_COPY(NAME, CAP)                                                     \
+static __always_inline void NAME(struct rec_hdr *h, u16 *truncated, char *argv,        \
+                                 struct argv_span *v)                                   \
+{                                                                                       \
+    u64 total = v->total;                                                               \
+    *truncated = 0;                                                                     \
+    h->len = 0;                                                                         \
+    if (v->argc == 0)                                                                   \
+        return;                                                                         \
+    if (total == 0) {                                                                   \
+        u64 head = v->alast > v->a0 ? v->alast - v->a0 : 0;                             \
+        if (head < CAP) {                                                               \
+            bpf_probe_read_user(argv, head & (CAP - 1), (void *)v->a0);                 \
+            long n = bpf_probe_read_user_str(argv + (head & (CAP - 1)), LAST_ARG_CAP,    \
+                                             (void *)v->alast);                         \
+            h->len = head + (n > 0 ? n : 0);                                            \
+            *truncated = n == LAST_ARG_CAP;                                             \
+            return;                                                                     \
+        }                                                                               \
+        total = CAP + 1;                                                                \
+    }                                                                                   \
+    if (total > CAP) {                                                                  \
+        *truncated = 1;                                                                 \
+        total = CAP;                                                                    \
+    }                                                                                   \
+    u32 n = total;                                                                      \
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(CAP));                \
+    bpf_probe_read_user(argv, n, (void *)v->a0);                                        \
+    h->len = n;                                                                         \
+}
+DEFINE_ARGV_COPY(argv_copy_small, SMALL_ARGV)
+DEFINE_ARGV_COPY(argv_copy_big, ARGV_CAP)
+
+/* Everything of an exec record but argv; small and big records share it. */
+static __always_inline void exec_head(struct rec_exec *r, u32 tgid, struct proc *p,
+                                      struct argv_span *v, const void *fname)
+{
+    fill_hdr(&r->h, REC_EXEC, tgid, p->sess);
+    r->ppid = p->ppid;
+    r->uid = bpf_get_current_uid_gid();
+    r->argc = v->argc > 0xffff ? 0xffff : v->argc;
+    long n = bpf_probe_read_kernel_str(r->fname, FNAME_CAP, fname);
+    r->fname_len = n > 0 ? n : 0;
 }
 
 /* comm after exec is the image's basename: "sftp-server" or "scp" */
@@ -664,19 +709,28 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         p->flags |= F_XFER;
     p->out_left = STDOUT_CAP;
 
-    struct rec_exec *r = ctl.ringbuf_reserve(sizeof(*r));
-    if (!r) {
-        count_drop(0);
-        return 0;
+    struct argv_span v = {};
+    argv_locate(&v);
+    const void *fname = (void *)args + (args->data_loc_filename & 0xffff);
+    if (v.total && v.total <= SMALL_ARGV) {
+        struct rec_exec_small *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (!r) {
+            count_drop(0);
+            return 0;
+        }
+        exec_head((struct rec_exec *)r, tgid, p, &v, fname);
+        argv_copy_small(&r->h, &r->truncated, r->argv, &v);
+        ctl.ringbuf_submit(r, 0);
+    } else {
+        struct rec_exec *r = ctl.ringbuf_reserve(sizeof(*r));
+        if (!r) {
+            count_drop(0);
+            return 0;
+        }
+        exec_head(r, tgid, p, &v, fname);
+        argv_copy_big(&r->h, &r->truncated, r->argv, &v);
+        ctl.ringbuf_submit(r, 0);
     }
-    fill_hdr(&r->h, REC_EXEC, tgid, p->sess);
-    r->ppid = p->ppid;
-    r->uid = bpf_get_current_uid_gid();
-    unsigned short loc = args->data_loc_filename & 0xffff;
-    long n = bpf_probe_read_kernel_str(r->fname, FNAME_CAP, (void *)args + loc);
-    r->fname_len = n > 0 ? n : 0;
-    read_argv(r);
-    ctl.ringbuf_submit(r, 0);
     return 0;
 }
 

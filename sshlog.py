@@ -543,16 +543,25 @@ class RecConnect(ctypes.Structure):
                 ("port", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
 
 
+_EXEC_HEAD_FIELDS = [("h", RecHdr), ("ppid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
+                     ("argc", ctypes.c_uint16), ("truncated", ctypes.c_uint16),
+                     ("fname_len", ctypes.c_uint32), ("fname", ctypes.c_char * FNAME_CAP)]
+
+
+class RecExecHead(ctypes.Structure):
+    """What rec_exec and rec_exec_small share: everything before argv."""
+    _fields_ = _EXEC_HEAD_FIELDS
+
+
 def make_rec_exec(argv_cap=ARGV_CAP):
     class RecExec(ctypes.Structure):
-        _fields_ = [("h", RecHdr), ("ppid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
-                    ("argc", ctypes.c_uint16), ("truncated", ctypes.c_uint16),
-                    ("fname_len", ctypes.c_uint32), ("fname", ctypes.c_char * FNAME_CAP),
-                    ("argv", ctypes.c_char * (argv_cap + LAST_ARG_CAP))]
+        _fields_ = _EXEC_HEAD_FIELDS + [("argv", ctypes.c_char * (argv_cap + LAST_ARG_CAP))]
     return RecExec
 
 
-RecExec = make_rec_exec()
+SMALL_ARGV = 512
+RecExec = make_rec_exec()                  # struct rec_exec
+RecExecSmall = make_rec_exec(SMALL_ARGV)   # struct rec_exec_small
 
 
 class RecExit(ctypes.Structure):
@@ -635,7 +644,7 @@ def _need(raw, cls):
     return cls.from_buffer_copy(raw[:ctypes.sizeof(cls)])
 
 
-def decode_record(raw, rec_exec=RecExec):
+def decode_record(raw):
     """Decode one ring-buffer record into a namedtuple; ValueError when the
     record is short or of an unknown type."""
     if len(raw) < ctypes.sizeof(RecHdr):
@@ -649,16 +658,15 @@ def decode_record(raw, rec_exec=RecExec):
         return Data(t, h.ts, h.pid, h.sess, d.fd, bytes(raw[_DATA_HEAD:_DATA_HEAD + h.len]),
                     d.lost)
     if t == REC_EXEC:
-        r = _need(raw, rec_exec)
-        off = rec_exec.argv.offset
-        blob = bytes(raw[off:off + min(h.len, rec_exec.argv.size)])
+        r = _need(raw, RecExecHead)          # small and big records share it
+        off = ctypes.sizeof(RecExecHead)
+        blob = bytes(raw[off:off + h.len])
         parts = blob.split(b"\0")
         # after the last NUL: nothing, or a string the cap cut (kept, flagged truncated)
         kept = parts[:-1] + ([parts[-1]] if r.truncated and parts[-1] else [])
         argv = tuple(decode_bytes(a) for a in kept[:r.argc])
         truncated = bool(r.truncated) or len(argv) < r.argc
-        fname = decode_bytes(bytes(raw[rec_exec.fname.offset:rec_exec.fname.offset + FNAME_CAP])
-                             .split(b"\0", 1)[0])
+        fname = decode_bytes(bytes(raw[RecExecHead.fname.offset:off]).split(b"\0", 1)[0])
         return Exec(h.ts, h.pid, h.sess, r.ppid, r.uid, fname, argv, truncated)
     if t == REC_CONNECT:
         r = _need(raw, RecConnect)
@@ -1074,14 +1082,22 @@ class Tracker:
             root = self.roots[rec.listener] = self.root_of(rec.listener)
         s = Session(ptm_pid=rec.pid, session_id=self.session_id(rec.pid, rec.ts), start=ts,
                     listener=rec.listener, root=root, client_ip=rec.ip, client_port=rec.port)
-        for local, remote in socket_addresses(rec.pid, self.proc):
-            if remote == (rec.ip, rec.port):
-                s.server_ip, s.server_port = local
+        self._find_server_address(s)
         with self.lock:
             self.live[rec.pid] = s
         return []
 
+    def _find_server_address(self, s):
+        """Our end of the connection, from the monitor's socket.  Looked up at
+        the connection and again at login: OpenSSH >= 9.8 re-execs the monitor,
+        and during that exec its fds cannot be read."""
+        for local, remote in socket_addresses(s.ptm_pid, self.proc):
+            if remote == (s.client_ip, s.client_port):
+                s.server_ip, s.server_port = local
+
     def _establish(self, s, uid, ts):
+        if not s.server_port:
+            self._find_server_address(s)
         s.uid = uid
         # the name PAM saw wins when it maps to this uid (several names may share one)
         acct_ok = s.auth_acct and passwd_uid(s.auth_acct, s.root) == uid
@@ -4585,7 +4601,6 @@ class Daemon:
         self.attach_hub = AttachHub()
         self.api_events = collections.deque(maxlen=10000)   # audit events from API threads
         self.argv_cap, self.stdout_cap = argv_cap, stdout_cap
-        self.rec_exec = make_rec_exec(argv_cap)
         self.plugin_dirs = plugin_dirs      # None: plugin_dirs(config_dir)
         self.default_config_dir = default_config_dir
         self.socket_path = socket_path
@@ -4738,14 +4753,14 @@ class Daemon:
         log.info("configuration reloaded: %s", ", ".join(config.files))
 
     def loop(self):
-        handle, rec_exec = self.tracker.handle, self.rec_exec
+        handle = self.tracker.handle
         while not self.stopping.is_set():
             while self.api_events:          # attach/kill audit events, before new records
                 self.publish(self.api_events.popleft())
             batch = self.probes.drain()
             for raw in batch:
                 try:
-                    rec = decode_record(raw, rec_exec)
+                    rec = decode_record(raw)
                 except ValueError as e:
                     self.decode_errors += 1
                     if self.decode_errors in (1, 100) or self.decode_errors % 10000 == 0:
@@ -4776,7 +4791,7 @@ class Daemon:
             try:   # records already in the rings still reach the logs
                 for raw in self.probes.drain():
                     try:
-                        for ev in self.tracker.handle(decode_record(raw, self.rec_exec)):
+                        for ev in self.tracker.handle(decode_record(raw)):
                             self.publish(ev)
                     except ValueError:
                         self.decode_errors += 1

@@ -118,6 +118,7 @@ STRUCT_MIRRORS = [
     ("rec_hdr", sshlog.RecHdr, []),
     ("rec_connect", sshlog.RecConnect, []),
     ("rec_exec", sshlog.RecExec, []),
+    ("rec_exec_small", sshlog.RecExecSmall, []),
     ("rec_exit", sshlog.RecExit, []),
     ("rec_u32", sshlog.RecU32, []),
     ("rec_winsz", sshlog.RecWinsz, []),
@@ -256,14 +257,15 @@ def test_exec_len_beyond_buffer_is_clamped():
     assert rec.argv == ("ls", "-l")
 
 
-def test_exec_with_another_argv_cap():
-    small = sshlog.make_rec_exec(256)
-    raw = rec_exec(b"ls\0-la\0/tmp\0", argc=3, argv_cap=256, fname=b"/bin/ls")
-    assert len(raw) == ctypes.sizeof(small)
-    rec = sshlog.decode_record(raw, rec_exec=small)
-    assert rec.argv == ("ls", "-la", "/tmp")
-    with pytest.raises(ValueError):            # too short for the default layout
-        sshlog.decode_record(raw)
+def test_exec_records_of_every_size_class_decode():
+    """bpf_probes.c sends short command lines in rec_exec_small (same layout up
+    to argv); the decoder needs only the shared head plus h.len bytes."""
+    for cap in (sshlog.SMALL_ARGV, 256, ARGV_CAP):
+        raw = rec_exec(b"ls\0-la\0/tmp\0", argc=3, argv_cap=cap, fname=b"/bin/ls")
+        assert len(raw) == ctypes.sizeof(sshlog.make_rec_exec(cap))
+        assert sshlog.decode_record(raw).argv == ("ls", "-la", "/tmp")
+    assert ctypes.sizeof(sshlog.RecExecSmall) == 24 + 4 + 4 + 2 + 2 + 4 + 256 + 512 + 256
+    assert ctypes.sizeof(sshlog.RecExecHead) == sshlog.RecExec.argv.offset
 
 
 @pytest.mark.parametrize("status", [0, 1 << 8, 15, -1])
@@ -338,7 +340,7 @@ def test_upload_close():
 
 FULL_RECORDS = {
     sshlog.REC_CONNECT: rec_connect(socket.AF_INET, b"\x7f\0\0\x01"),
-    sshlog.REC_EXEC: rec_exec(b"id\0", argc=1),
+    sshlog.REC_EXEC: rec_exec(b"", argc=0)[:ctypes.sizeof(sshlog.RecExecHead)],
     sshlog.REC_EXIT: hdr(sshlog.REC_EXIT) + struct.pack("<iI", 0, 0),
     sshlog.REC_SETUID: hdr(sshlog.REC_SETUID) + struct.pack("<II", 1001, 0),
     sshlog.REC_PTY: hdr(sshlog.REC_PTY) + struct.pack("<II", 3, 7),
