@@ -113,6 +113,11 @@ struct rec_winsz {
 #define SMALL_CAP 256
 #define MID_CAP 4096       /* most pty reads: a record reserves 4 KiB of ring, not 16 */
 #define BIG_CAP 16384
+struct rec_data_head {    /* what the three data records share */
+    struct rec_hdr h;
+    u32 fd;
+    u32 lost;
+};
 struct rec_data_small {   /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP; also _mid, _big */
     struct rec_hdr h;
     u32 fd;
@@ -384,82 +389,55 @@ static __always_inline void tty_session_end(u32 sess)
 #endif
 }
 
-/* Send `len` bytes of user memory as one or more data records on ring
- * `which` (0 ctl, 1 tty).  Up to four 16 KiB chunks: sshd reads up to
- * 32 KiB from the pty master at once. */
-static __always_inline void emit_small(u32 which, u32 type, u32 tgid, u32 sess,
-                                       s32 fd, const u8 *src, u32 n)
+/* Reserve a data record of `size` bytes on ring `which` (0 ctl, 1 tty); the
+ * size is a constant once inlined, as the verifier wants.  A full ring counts
+ * the loss, per session for terminal bytes. */
+static __always_inline void *data_reserve(u32 which, u64 size, u32 type, u32 sess, u32 n)
 {
-    struct rec_data_small *r = which ? tty.ringbuf_reserve(sizeof(*r))
-                                     : ctl.ringbuf_reserve(sizeof(*r));
+    void *r = which ? tty.ringbuf_reserve(size) : ctl.ringbuf_reserve(size);
     if (!r) {
         count_drop(which);
         if (which)
             tty_loss_add(type, sess, n);
-        return;
     }
-    fill_hdr(&r->h, type, tgid, sess);
-    /* the clamp sits in the register the helper receives (LLVM 14 may
-     * otherwise bound a copy and the verifier sees an unbounded size) */
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(SMALL_CAP));
-    r->h.len = n;
-    r->fd = fd;
-    r->lost = which ? tty_loss_take(type, sess) : 0;
-    bpf_probe_read_user(r->data, n, src);
-    if (which)
-        tty.ringbuf_submit(r, 0);
-    else
-        ctl.ringbuf_submit(r, 0);
+    return r;
 }
 
-static __always_inline void emit_mid(u32 which, u32 type, u32 tgid, u32 sess,
-                                     s32 fd, const u8 *src, u32 n)
+static __always_inline void data_submit(u32 which, struct rec_data_head *d, u32 type,
+                                        u32 tgid, u32 sess, s32 fd, u32 n)
 {
-    struct rec_data_mid *r = which ? tty.ringbuf_reserve(sizeof(*r))
-                                   : ctl.ringbuf_reserve(sizeof(*r));
-    if (!r) {
-        count_drop(which);
-        if (which)
-            tty_loss_add(type, sess, n);
-        return;
-    }
-    fill_hdr(&r->h, type, tgid, sess);
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(MID_CAP));
-    r->h.len = n;
-    r->fd = fd;
-    r->lost = which ? tty_loss_take(type, sess) : 0;
-    bpf_probe_read_user(r->data, n, src);
+    fill_hdr(&d->h, type, tgid, sess);
+    d->h.len = n;
+    d->fd = fd;
+    d->lost = which ? tty_loss_take(type, sess) : 0;
     if (which)
-        tty.ringbuf_submit(r, 0);
+        tty.ringbuf_submit(d, 0);
     else
-        ctl.ringbuf_submit(r, 0);
+        ctl.ringbuf_submit(d, 0);
 }
 
-static __always_inline void emit_big(u32 which, u32 type, u32 tgid, u32 sess,
-                                     s32 fd, const u8 *src, u32 n)
-{
-    struct rec_data_big *r = which ? tty.ringbuf_reserve(sizeof(*r))
-                                   : ctl.ringbuf_reserve(sizeof(*r));
-    if (!r) {
-        count_drop(which);
-        if (which)
-            tty_loss_add(type, sess, n);
-        return;
-    }
-    fill_hdr(&r->h, type, tgid, sess);
-    /* the clamp sits in the register the helper receives (LLVM 14 may
-     * otherwise bound a copy and the verifier sees an unbounded size) */
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(BIG_CAP));
-    r->h.len = n;
-    r->fd = fd;
-    r->lost = which ? tty_loss_take(type, sess) : 0;
-    bpf_probe_read_user(r->data, n, src);
-    if (which)
-        tty.ringbuf_submit(r, 0);
-    else
-        ctl.ringbuf_submit(r, 0);
+/* One size class: reserve, copy up to CAP bytes of user memory, submit.  A
+ * macro only so that CAP is a constant in the clamp, which sits in the register
+ * the helper receives (LLVM 14 may otherwise bound a copy, and the verifier
+ * then sees an unbounded size). */
+#define DEFINE_EMIT(NAME, STRUCT, CAP)                                                  \
+static __always_inline void NAME(u32 which, u32 type, u32 tgid, u32 sess, s32 fd,      \
+                                 const u8 *src, u32 n)                                  \
+{                                                                                       \
+    struct STRUCT *r = data_reserve(which, sizeof(*r), type, sess, n);                  \
+    if (!r)                                                                             \
+        return;                                                                         \
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(CAP));                \
+    bpf_probe_read_user(r->data, n, src);                                               \
+    data_submit(which, (struct rec_data_head *)r, type, tgid, sess, fd, n);             \
 }
+DEFINE_EMIT(emit_small, rec_data_small, SMALL_CAP)
+DEFINE_EMIT(emit_mid, rec_data_mid, MID_CAP)
+DEFINE_EMIT(emit_big, rec_data_big, BIG_CAP)
 
+/* Send `total` bytes of user memory as one or more data records, each of
+ * the smallest class that holds its part.  Up to four 16 KiB chunks: sshd
+ * reads up to 32 KiB from the pty master at once. */
 static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
                                       s32 fd, const u8 *src, u64 total)
 {

@@ -122,6 +122,7 @@ STRUCT_MIRRORS = [
     ("rec_exit", sshlog.RecExit, []),
     ("rec_u32", sshlog.RecU32, []),
     ("rec_winsz", sshlog.RecWinsz, []),
+    ("rec_data_head", sshlog.RecDataHead, []),
     ("rec_data_small", sshlog.RecDataHead, ["data"]),
     ("rec_data_mid", sshlog.RecDataHead, ["data"]),
     ("rec_data_big", sshlog.RecDataHead, ["data"]),
