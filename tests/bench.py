@@ -405,6 +405,18 @@ def main():
                         if daemon:
                             want = args.parallel * args.commands
                             got = count_finished(daemon, tag, want)
+                            if got < want:      # late, or lost? wait longer and say which
+                                st = daemon.status()
+                                later = count_finished(daemon, tag, want, timeout=30,
+                                                       settle=15)
+                                line.append("(only %d/%d logged at first, %d after 15 s more; "
+                                            "daemon: bpf drops %s, decode errors %s, actions "
+                                            "%s)" % (got, want, later, st["bpf_drops"],
+                                                     st["decode_errors"],
+                                                     {k: (v["queued"], v["dropped"],
+                                                          v["failed"])
+                                                      for k, v in st["actions"].items()}))
+                                got = later
                             lost_events.append(want - got)
                             line.append("(%d/%d logged)" % (got, want))
                     if loop:
