@@ -219,18 +219,25 @@ def run_parallel(sshd, user, sessions, commands, tag):
 
 
 def count_finished(daemon, tag, expected, timeout=120, settle=5.0):
-    """command_finish lines of /bin/true TAG-... in the text event log, once all are
-    there or the count has not moved for `settle` seconds (the daemon may lag behind)."""
-    pattern = " execute complete (exit code: 0) /bin/true %s-" % tag
+    """(command_finish lines of /bin/true TAG-... in the text event log, how many of them
+    say an exit code other than 0), once all are there or the count has not moved for
+    `settle` seconds (the daemon may lag behind)."""
+    pattern = re.compile(r" command_finish \(\d+\) \S+ execute complete \(exit code: (-?\d+)"
+                         r"[^)]*\) /bin/true %s-" % tag)
     last, since, deadline = -1, time.monotonic(), time.monotonic() + timeout
     while True:
+        n = bad = 0
         with open(daemon.text_log, errors="replace") as f:
-            n = sum(1 for line in f if pattern in line)
+            for line in f:
+                m = pattern.search(line)
+                if m:
+                    n += 1
+                    bad += m.group(1) != "0"
         now = time.monotonic()
         if n != last:
             last, since = n, now
         if n >= expected or now - since >= settle or now >= deadline:
-            return n
+            return n, bad
         time.sleep(0.5)
 
 
@@ -404,11 +411,13 @@ def main():
                         line.append("parallel %.2fs" % t)
                         if daemon:
                             want = args.parallel * args.commands
-                            got = count_finished(daemon, tag, want)
+                            got, bad = count_finished(daemon, tag, want)
+                            if bad:
+                                line.append("(%d with a wrong exit code)" % bad)
                             if got < want:      # late, or lost? wait longer and say which
                                 st = daemon.status()
-                                later = count_finished(daemon, tag, want, timeout=30,
-                                                       settle=15)
+                                later, _ = count_finished(daemon, tag, want, timeout=30,
+                                                          settle=15)
                                 line.append("(only %d/%d logged at first, %d after 15 s more; "
                                             "daemon: bpf drops %s, decode errors %s, actions "
                                             "%s)" % (got, want, later, st["bpf_drops"],
