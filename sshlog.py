@@ -691,6 +691,38 @@ def decode_record(raw):
     raise ValueError("unknown record type %d" % t)
 
 
+TERMINAL_RECORDS = (REC_TTY_OUT, REC_TTY_IN)
+COALESCE_LIMIT = 256 * 1024      # bytes of terminal data merged into one record
+
+
+def coalesce_terminal(records, limit=COALESCE_LIMIT):
+    """Merge each session's consecutive terminal records of one batch into
+    one, so a flood costs one event per batch instead of one per pty read.
+    Order within a session is kept: any other record of that session, the
+    other direction, or a record that reports lost bytes starts a new group
+    (so a loss marker stays where the loss happened)."""
+    out, open_groups = [], {}        # sess -> index in `out` of a growing group
+    for rec in records:
+        kind = type(rec)
+        sess = rec.sess
+        if kind is Data and rec.type in TERMINAL_RECORDS:
+            i = open_groups.get(sess)
+            if i is not None:
+                first, chunks, size = out[i]
+                if first.type == rec.type and not rec.lost and size + len(rec.data) <= limit:
+                    chunks.append(rec.data)
+                    out[i] = (first, chunks, size + len(rec.data))
+                    continue
+            open_groups[sess] = len(out)
+            out.append((rec, [rec.data], len(rec.data)))
+            continue
+        open_groups.pop(sess, None)
+        out.append(rec)
+    return [item if type(item) is not tuple else
+            item[0] if len(item[1]) == 1 else item[0]._replace(data=b"".join(item[1]))
+            for item in out]
+
+
 ###############################################################################
 # Probe loader (bcc) ##########################################################
 ###############################################################################
@@ -4758,19 +4790,23 @@ class Daemon:
             while self.api_events:          # attach/kill audit events, before new records
                 self.publish(self.api_events.popleft())
             batch = self.probes.drain()
-            for raw in batch:
-                try:
-                    rec = decode_record(raw)
-                except ValueError as e:
-                    self.decode_errors += 1
-                    if self.decode_errors in (1, 100) or self.decode_errors % 10000 == 0:
-                        log.error("undecodable record (%d so far): %s", self.decode_errors, e)
-                    continue
+            for rec in coalesce_terminal(self.decode_batch(batch)):
                 for ev in handle(rec):
                     self.publish(ev)
             if self.reload_requested:
                 self.reload()
             self.stopping.wait(self.TICK if batch else self.IDLE_TICK)
+
+    def decode_batch(self, batch):
+        records = []
+        for raw in batch:
+            try:
+                records.append(decode_record(raw))
+            except ValueError as e:
+                self.decode_errors += 1
+                if self.decode_errors in (1, 100) or self.decode_errors % 10000 == 0:
+                    log.error("undecodable record (%d so far): %s", self.decode_errors, e)
+        return records
 
     def publish(self, event):
         self.counts[event.type] += 1
@@ -4789,12 +4825,9 @@ class Daemon:
         self.stopping.set()
         if self.probes:
             try:   # records already in the rings still reach the logs
-                for raw in self.probes.drain():
-                    try:
-                        for ev in self.tracker.handle(decode_record(raw)):
-                            self.publish(ev)
-                    except ValueError:
-                        self.decode_errors += 1
+                for rec in coalesce_terminal(self.decode_batch(self.probes.drain())):
+                    for ev in self.tracker.handle(rec):
+                        self.publish(ev)
             finally:
                 self.probes.close()
         self.attach_hub.close()

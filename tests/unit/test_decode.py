@@ -587,3 +587,37 @@ def test_parse_audit_fields_only_decodes_hex_for_encoded_keys():
 
 def test_parse_audit_fields_hostname_is_never_hex_decoded():
     assert sshlog.parse_audit_fields("hostname=cafe res=failed")["hostname"] == "cafe"
+
+
+# ---------------------------------------------------------------------------------------
+# Terminal records of one batch are merged per session, order kept.
+
+def _tty(sess, data, ts=1, lost=0, rtype=None):
+    return sshlog.Data(rtype or sshlog.REC_TTY_OUT, ts, 7, sess, 10, data, lost)
+
+
+def test_coalesce_merges_a_sessions_consecutive_output():
+    exec_in_2 = sshlog.Exec(5, 99, 2, 1, 1000, "/bin/true", ("true",), False)
+    recs = [_tty(1, b"a", ts=1), _tty(2, b"x", ts=2), _tty(1, b"b", ts=3), exec_in_2,
+            _tty(1, b"c", ts=6), _tty(2, b"y", ts=7)]
+    # session 2's exec splits only session 2's output; each group keeps its first ts
+    assert sshlog.coalesce_terminal(recs) == [_tty(1, b"abc", ts=1), _tty(2, b"x", ts=2),
+                                              exec_in_2, _tty(2, b"y", ts=7)]
+
+
+def test_coalesce_keeps_order_around_a_sessions_other_records():
+    start = sshlog.Exec(5, 99, 1, 1, 1000, "/bin/ls", ("ls",), False)
+    recs = [_tty(1, b"before"), start, _tty(1, b"after")]
+    assert sshlog.coalesce_terminal(recs) == recs
+
+
+def test_coalesce_starts_a_group_at_a_loss_and_at_the_other_direction():
+    recs = [_tty(1, b"a"), _tty(1, b"b", lost=4096), _tty(1, b"k", rtype=sshlog.REC_TTY_IN),
+            _tty(1, b"c")]
+    assert sshlog.coalesce_terminal(recs) == recs
+
+
+def test_coalesce_limit():
+    recs = [_tty(1, b"x" * 100) for _ in range(5)]
+    out = sshlog.coalesce_terminal(recs, limit=250)
+    assert [len(r.data) for r in out] == [200, 200, 100]
