@@ -712,6 +712,21 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     return 0;
 }
 
+/* An upload's file was closed (or its process ended): report its bytes. */
+static __always_inline void emit_upload_close(u32 tgid, u32 sess, s32 fd, u64 bytes)
+{
+    struct rec_upload_close *r = ctl.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        count_drop(0);
+        return;
+    }
+    fill_hdr(&r->h, REC_UPLOAD_CLOSE, tgid, sess);
+    r->fd = fd;
+    r->pad = 0;
+    r->bytes = bytes;
+    ctl.ringbuf_submit(r, 0);
+}
+
 static __always_inline void forget_fds(u32 tgid, struct proc *p)
 {
     /* The exit of a process closes its fds without close() calls.  A bounded
@@ -721,18 +736,8 @@ static __always_inline void forget_fds(u32 tgid, struct proc *p)
         struct fd_val *v = fds.lookup(&k);
         if (!v)
             continue;
-        if (v->kind == FD_UPLOAD) {
-            struct rec_upload_close *r = ctl.ringbuf_reserve(sizeof(*r));
-            if (r) {
-                fill_hdr(&r->h, REC_UPLOAD_CLOSE, tgid, p->sess);
-                r->fd = fd;
-                r->pad = 0;
-                r->bytes = v->bytes;
-                ctl.ringbuf_submit(r, 0);
-            } else {
-                count_drop(0);
-            }
-        }
+        if (v->kind == FD_UPLOAD)
+            emit_upload_close(tgid, p->sess, fd, v->bytes);
         fds.delete(&k);
     }
 }
@@ -907,18 +912,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     struct fd_val *v = fds.lookup(&k);
     if (!v)
         return 0;
-    if (v->kind == FD_UPLOAD) {
-        struct rec_upload_close *r = ctl.ringbuf_reserve(sizeof(*r));
-        if (r) {
-            fill_hdr(&r->h, REC_UPLOAD_CLOSE, tgid, p->sess);
-            r->fd = args->fd;
-            r->pad = 0;
-            r->bytes = v->bytes;
-            ctl.ringbuf_submit(r, 0);
-        } else {
-            count_drop(0);
-        }
-    }
+    if (v->kind == FD_UPLOAD)
+        emit_upload_close(tgid, p->sess, args->fd, v->bytes);
     fds.delete(&k);
     return 0;
 }
