@@ -9,7 +9,7 @@ by YAML configuration compatible with the original sshlog agent.
 
 USAGE:
     sshlog daemon [--config-dir DIR] [--plugin-dir DIR] [--socket PATH] [--log-file PATH]
-                  [--enable-session-injection] [--debug]
+                  [--argv-cap BYTES] [--stdout-cap BYTES] [--enable-session-injection] [--debug]
     sshlog watch [--json] [--all]         print events as they happen
     sshlog sessions [--json]              list live sessions
     sshlog status [--json]                daemon counters (events, drops, queues)
