@@ -180,7 +180,7 @@ struct peer { u16 family; u16 port; u8 addr[16]; };
 
 /* a syscall's arguments kept from enter to exit, per thread; `what` says
  * which syscall left it, so a stale stash (a failed clone) is never misread */
-enum stash_what { ST_ACCEPT = 1, ST_CLONE, ST_PTN, ST_DUP, ST_READ, ST_SOCKET, ST_OPENAT };
+enum stash_what { ST_ACCEPT = 1, ST_CLONE, ST_DUP, ST_SOCKET };
 struct stash { u64 ptr; u64 arg; u32 what; u32 fd; };
 
 BPF_HASH(tracked, u32, struct proc, TRACK_MAX);
@@ -274,6 +274,22 @@ static __always_inline int stash_take(u32 what, struct stash *out)
     *out = *s;
     stashes.delete(&id);
     return 1;
+}
+
+/* A syscall's arguments at its exit tracepoint, from the user registers the
+ * kernel saved at entry and leaves as the caller passed them (x86_64 pt_regs:
+ * dx at 96, si at 104, di at 112, r10 at 56).  One program at exit instead of
+ * an entry/exit pair: an entry hook on read() ran for every read on the host. */
+struct sys_args { u64 a2, a1, a0; };     /* dx, si, di: contiguous in pt_regs */
+
+static __always_inline u64 user_regs(void)
+{
+    return (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+static __always_inline void syscall_args(struct sys_args *a)
+{
+    bpf_probe_read_kernel(a, sizeof(*a), (void *)(user_regs() + 96));
 }
 
 static __always_inline u32 tty_loss_key(u32 type, u32 sess)
@@ -592,10 +608,8 @@ struct argv_span { u64 argc; u64 a0; u64 alast; u64 total; };
 
 static __always_inline void argv_locate(struct argv_span *v)
 {
-    struct task_struct *task = bpf_get_current_task_btf();
-    u64 regs = bpf_task_pt_regs(task);
     u64 sp = 0, e0 = 0;
-    bpf_probe_read_kernel(&sp, sizeof(sp), (void *)(regs + 152)); /* x86_64 pt_regs.sp */
+    bpf_probe_read_kernel(&sp, sizeof(sp), (void *)(user_regs() + 152)); /* pt_regs.sp */
     bpf_probe_read_user(&v->argc, sizeof(v->argc), (void *)sp);
     if (v->argc == 0 || v->argc > 0x100000) {
         v->argc = 0;
@@ -813,27 +827,31 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setresuid)
 
 /* ---- pty masters: opened by the monitor, used by the post-auth sshd ---- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
+    if (args->ret != 0)
+        return 0;              /* only settings that took effect */
     u32 tgid;
     struct proc *p = current_proc(&tgid);
     if (!p)
         return 0;
+    struct sys_args a;         /* fd, cmd, arg */
+    syscall_args(&a);
+    u32 cmd = a.a1;
 #if CAPTURE_INPUT
-    u32 cmd = args->cmd;
     if ((p->flags & F_USER) && ((cmd >= TCSETS && cmd <= TCSETSF) ||
                                 (cmd >= TCSETS2 && cmd <= TCSETSF2))) {
-        termios_set(tgid, p->sess, args->arg);
+        termios_set(tgid, p->sess, a.a2);
         return 0;
     }
 #endif
     if (!(p->flags & F_SSHD))
         return 0;
-    if (args->cmd == TIOCSWINSZ) {
+    if (cmd == TIOCSWINSZ) {
         /* sshd sets the window size on the master it reads from */
         u16 ws[2] = {};
-        bpf_probe_read_user(ws, sizeof(ws), (void *)args->arg);
-        fd_mark(tgid, args->fd, FD_PTMX);
+        bpf_probe_read_user(ws, sizeof(ws), (void *)a.a2);
+        fd_mark(tgid, a.a0, FD_PTMX);
         struct rec_winsz *r = ctl.ringbuf_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
@@ -842,25 +860,14 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
         fill_hdr(&r->h, REC_WINSZ, tgid, p->sess);
         r->rows = ws[0];
         r->cols = ws[1];
-        r->fd = args->fd;
+        r->fd = a.a0;
         ctl.ringbuf_submit(r, 0);
-    } else if (args->cmd == TIOCGPTN) {
-        stash_put(ST_PTN, args->arg, 0, args->fd);
+    } else if (cmd == TIOCGPTN) {
+        u32 n = 0;
+        bpf_probe_read_user(&n, sizeof(n), (void *)a.a2);
+        fd_mark(tgid, a.a0, FD_PTMX);
+        emit_u32(REC_PTY, tgid, p->sess, n, a.a0);
     }
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
-{
-    struct stash s = {};
-    u32 tgid;
-    struct proc *p = current_proc(&tgid);
-    if (!p || !(p->flags & F_SSHD) || !stash_take(ST_PTN, &s) || args->ret != 0)
-        return 0;
-    u32 n = 0;
-    bpf_probe_read_user(&n, sizeof(n), (void *)s.ptr);
-    fd_mark(tgid, s.fd, FD_PTMX);
-    emit_u32(REC_PTY, tgid, p->sess, n, s.fd);
     return 0;
 }
 
@@ -920,27 +927,19 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
 
 /* ---- terminal bytes ---- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_read)
+TRACEPOINT_PROBE(syscalls, sys_exit_read)
 {
+    if (args->ret <= 0)
+        return 0;
     u32 tgid;
     struct proc *p = current_proc(&tgid);
     if (!p || !(p->flags & F_SSHD))
         return 0;
-    struct fd_val *v = fd_lookup(tgid, args->fd);
+    struct sys_args a;
+    syscall_args(&a);
+    struct fd_val *v = fd_lookup(tgid, a.a0);
     if (v && v->kind == FD_PTMX)
-        stash_put(ST_READ, (u64)args->buf, 0, args->fd);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_exit_read)
-{
-    struct stash s = {};
-    u32 tgid;
-    struct proc *p = current_proc(&tgid);
-    if (!p || !(p->flags & F_SSHD) || !stash_take(ST_READ, &s))
-        return 0;
-    if (args->ret > 0)
-        emit_data(1, REC_TTY_OUT, tgid, p->sess, s.fd, (const u8 *)s.ptr, args->ret);
+        emit_data(1, REC_TTY_OUT, tgid, p->sess, a.a0, (const u8 *)a.a1, args->ret);
     return 0;
 }
 
@@ -1016,26 +1015,20 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
 
 /* ---- opens: pty masters, btmp, uploads (paths read at exit: resident) ---- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_openat)
-{
-    u32 tgid;
-    struct proc *p = current_proc(&tgid);
-    if (!p)
-        return 0;
-    if ((p->flags & F_SSHD) || ((p->flags & F_XFER) && (args->flags & 3)))
-        stash_put(ST_OPENAT, (u64)args->filename, ((u64)args->mode << 32) | (u32)args->flags, 0);
-    return 0;
-}
-
 TRACEPOINT_PROBE(syscalls, sys_exit_openat)
 {
-    struct stash s = {};
+    if (args->ret < 0)
+        return 0;
     u32 tgid;
     struct proc *p = current_proc(&tgid);
-    if (!p || !stash_take(ST_OPENAT, &s) || args->ret < 0)
+    if (!p || !(p->flags & (F_SSHD | F_XFER)))
         return 0;
+    struct sys_args a;         /* dirfd, filename, flags; mode in r10 */
+    syscall_args(&a);
     s32 fd = args->ret;
-    if (p->flags & F_XFER) {
+    if ((p->flags & F_XFER) && (a.a2 & 3)) {
+        u64 mode = 0;
+        bpf_probe_read_kernel(&mode, sizeof(mode), (void *)(user_regs() + 56));
         fd_mark(tgid, fd, FD_UPLOAD);
         struct rec_upload_open *r = ctl.ringbuf_reserve(sizeof(*r));
         if (!r) {
@@ -1044,16 +1037,18 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
         }
         fill_hdr(&r->h, REC_UPLOAD_OPEN, tgid, p->sess);
         r->fd = fd;
-        r->flags = (u32)s.arg;
-        r->mode = s.arg >> 32;
+        r->flags = a.a2;
+        r->mode = mode;
         r->pad = 0;
-        long n = bpf_probe_read_user_str(r->path, PATH_CAP, (void *)s.ptr);
+        long n = bpf_probe_read_user_str(r->path, PATH_CAP, (void *)a.a1);
         r->h.len = n > 0 ? n : 0;
         ctl.ringbuf_submit(r, 0);
         return 0;
     }
+    if (!(p->flags & F_SSHD))
+        return 0;
     char path[16] = {};
-    bpf_probe_read_user_str(path, sizeof(path), (void *)s.ptr);
+    bpf_probe_read_user_str(path, sizeof(path), (void *)a.a1);
     if (path[0] == '/' && path[1] == 'd' && path[2] == 'e' && path[3] == 'v' && path[4] == '/' &&
         path[5] == 'p' && path[6] == 't' && path[7] == 'm' && path[8] == 'x' && path[9] == 0)
         fd_mark(tgid, fd, FD_PTMX);

@@ -162,6 +162,14 @@ def timed(session, command, timeout=600):
     return float(m.group(2)) - float(m.group(1)), shown
 
 
+def settle():
+    """Before each timed part, in both conditions: the previous part's dirty pages
+    (a flood's recordings are ~35 MB) written out, so their writeback is not
+    charged to the next part."""
+    os.sync()
+    time.sleep(0.3)
+
+
 def captured_bytes(daemon, user):
     time.sleep(0.5)
     rows = json.loads(daemon.cli("sessions", "--json").stdout)["sessions"]
@@ -185,8 +193,9 @@ def default_like_config(workdir):
     return "\n".join(text) or None
 
 
-def start_daemon(workdir):
-    d = SshlogDaemon(workdir, json_log=False, config_text=default_like_config(workdir))
+def start_daemon(workdir, recordings=True):
+    d = SshlogDaemon(workdir, json_log=False,
+                     config_text=default_like_config(workdir) if recordings else None)
     t0 = time.monotonic()
     d.start(timeout=120)
     return d, time.monotonic() - t0
@@ -315,6 +324,9 @@ def parse_args():
     ap.add_argument("--report-json", action="store_true",
                     help="also time the report over a JSON Lines log of as many events")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--on", choices=("default", "eventlog"), default="default",
+                    help="what the daemon runs: the embedded default (event log and session "
+                    "recordings) or the event log alone")
     args = ap.parse_args()
     quick = dict(rounds=2, execs=500, lines=200000, scp_mb=50, commands=50, syscalls=500000,
                  idle_seconds=15, report_events=200000)
@@ -346,9 +358,11 @@ def main():
     anon_start = []
     foreign = Foreign()
     pytests = subprocess.run(["pgrep", "-c", "-f", "pytest"], capture_output=True).stdout
-    print("sshlog bench: %s, %d CPUs, load %s, %s pytest process(es) running, parts: %s" % (
-        os.uname().release, os.cpu_count(), figures["load_before"],
-        pytests.decode().strip() or "0", ",".join(args.parts)), flush=True)
+    print("sshlog bench: %s, %d CPUs, load %s, %s pytest process(es) running, parts: %s, "
+          "daemon: %s" % (os.uname().release, os.cpu_count(), figures["load_before"],
+                          pytests.decode().strip() or "0", ",".join(args.parts),
+                          "event log and recordings" if args.on == "default" else
+                          "event log only"), flush=True)
     sshd = None
     try:
         if session_parts:
@@ -371,7 +385,8 @@ def main():
                 for cond in order:
                     daemon = None
                     if cond == "on":
-                        daemon, took = start_daemon(os.path.join(work, "d%d" % r))
+                        daemon, took = start_daemon(os.path.join(work, "d%d" % r),
+                                                    recordings=args.on == "default")
                         starts.append(took)
                         rss_start.append(status_kb(daemon.proc.pid, "VmRSS") / 1024.0)
                         anon_start.append(status_kb(daemon.proc.pid, "RssAnon") / 1024.0)
@@ -380,12 +395,14 @@ def main():
                     if "exec" in parts or "flood" in parts:
                         with harness.PtySession(sshd, user) as s:
                             if "exec" in parts:
+                                settle()
                                 t, _ = timed(s, "for i in $(seq %d); do /bin/true; done"
                                              % args.execs)
                                 res[cond]["exec"].append(t)
                                 line.append("exec %.3fs" % t)
                             if "flood" in parts:
                                 before = captured_bytes(daemon, user) if daemon else 0
+                                settle()
                                 t, shown = timed(s, "seq 1 %d" % args.lines)
                                 res[cond]["flood"].append(t)
                                 line.append("flood %.3fs" % t)
@@ -396,6 +413,7 @@ def main():
                                                                             shown))
                     if "scp" in parts:
                         remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
+                        settle()
                         t0 = time.monotonic()
                         cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
                         t = time.monotonic() - t0
@@ -406,6 +424,7 @@ def main():
                         line.append("scp %.0f MB/s" % (args.scp_mb / t))
                     if "parallel" in parts:
                         tag = "b%s" % uuid.uuid4().hex[:8]
+                        settle()
                         t = run_parallel(sshd, user, args.parallel, args.commands, tag)
                         res[cond]["parallel"].append(t)
                         line.append("parallel %.2fs" % t)
