@@ -833,8 +833,13 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         return 0;              /* only settings that took effect */
     u32 tgid;
     struct proc *p = current_proc(&tgid);
-    if (!p)
+#if CAPTURE_INPUT
+    if (!p || !(p->flags & (F_SSHD | F_USER)))
         return 0;
+#else
+    if (!p || !(p->flags & F_SSHD))
+        return 0;              /* a shell's own ioctls (a dozen per command) stop here */
+#endif
     struct sys_args a;         /* fd, cmd, arg */
     syscall_args(&a);
     u32 cmd = a.a1;
