@@ -267,6 +267,32 @@ def passwd_uid(name, root="/"):
     return None
 
 
+SYS_PIDFD_OPEN = 434              # the same number on every Linux architecture
+SYS_PIDFD_GETFD = 438
+_libc = None
+
+
+def pidfd_getfd(pid, fd):
+    """A duplicate, in this process, of file descriptor `fd` of process
+    `pid` (pidfd_open + pidfd_getfd, Linux >= 5.6; needs ptrace rights)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    if pidfd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, "pidfd_open(%d): %s" % (pid, os.strerror(e)))
+    try:
+        dup = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd),
+                            ctypes.c_uint(0))
+        if dup < 0:
+            e = ctypes.get_errno()
+            raise OSError(e, "pidfd_getfd(%d, %d): %s" % (pid, fd, os.strerror(e)))
+        return dup
+    finally:
+        os.close(pidfd)
+
+
 def signal_name(num):
     try:
         return signal.Signals(num).name
@@ -1049,34 +1075,83 @@ class Session:
                 "terminal_bytes": self.tty_bytes}
 
 
-def _socket_inodes(pid, proc=PROC):
-    inodes = set()
+def _socket_fds(pid, proc=PROC):
+    """{socket inode: fd number} of the sockets `pid` holds."""
+    found = {}
     fd_dir = "%s/%d/fd" % (proc, pid)
     try:
         names = os.listdir(fd_dir)
     except OSError:
-        return inodes
+        return found
     for fd in names:
         try:
             target = os.readlink(os.path.join(fd_dir, fd))
         except OSError:
             continue
         if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes
+            found[target[8:-1]] = int(fd)
+    return found
 
 
 def tcp_sockets(pid, state, proc=PROC):
     """(local, remote) address pairs of the TCP sockets in `state` ("01"
     established, "0A" listening) that `pid` holds, as its own network
-    namespace sees them."""
-    inodes = _socket_inodes(pid, proc)
+    namespace sees them.  On the real /proc each socket is asked itself,
+    through a duplicate (pidfd_getfd): a read of /proc/PID/net/tcp walks every
+    bucket of the host's connection table, ~10 ms here, twice per login.  The
+    files are the fallback (and what a test's /proc tree holds)."""
+    sockets = _socket_fds(pid, proc)
+    if sockets and proc == PROC:
+        try:
+            return _ask_sockets(pid, sockets, listening=state == "0A")
+        except OSError:
+            pass
     found = []
-    for name in ("tcp", "tcp6") if inodes else ():
+    for name in ("tcp", "tcp6") if sockets else ():
         for line in (read_text("%s/%d/net/%s" % (proc, pid, name)) or "").splitlines()[1:]:
             parts = line.split()
-            if len(parts) > 9 and parts[9] in inodes and parts[3] == state:
+            if len(parts) > 9 and parts[9] in sockets and parts[3] == state:
                 found.append((_proc_net_addr(parts[1]), _proc_net_addr(parts[2])))
+    return found
+
+
+def _sockaddr(addr):
+    ip = ipaddress.ip_address(addr[0].split("%", 1)[0])
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip), addr[1]
+
+
+def _ask_sockets(pid, sockets, listening):
+    """tcp_sockets() by getsockname/getpeername on duplicates of `pid`'s
+    sockets ({inode: fd}); OSError when `pid` cannot be reached that way
+    (gone, no pidfd_getfd)."""
+    found = []
+    for inode, fd in sorted(sockets.items(), key=lambda item: item[1]):
+        try:
+            dup = pidfd_getfd(pid, fd)
+        except OSError as e:
+            if e.errno == errno.EBADF:    # closed meanwhile
+                continue
+            raise
+        try:
+            if str(os.fstat(dup).st_ino) != inode:
+                raise OSError(errno.ESTALE, "fd reused")   # sshd moved its fds meanwhile
+            sock = socket.socket(fileno=dup)
+        except OSError:
+            os.close(dup)
+            continue
+        try:
+            if sock.type != socket.SOCK_STREAM or \
+                    sock.family not in (socket.AF_INET, socket.AF_INET6) or \
+                    bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)) != listening:
+                continue
+            local = _sockaddr(sock.getsockname())
+            remote = ("", 0) if listening else _sockaddr(sock.getpeername())
+        except (OSError, ValueError):     # not connected (any more)
+            continue
+        finally:
+            sock.close()
+        found.append((local, remote))
     return found
 
 
@@ -4353,8 +4428,6 @@ class AttachHub:
 
 # -- the session's pty master, from outside: input and kill --
 
-SYS_PIDFD_OPEN = 434              # the same number on every Linux architecture
-SYS_PIDFD_GETFD = 438
 TIOCSTI = 0x5412
 
 
@@ -4416,30 +4489,6 @@ def find_pty_master(s, proc=PROC):
             if m and int(m.group(1)) == s.tty:
                 return pid, int(fd)
     return None
-
-
-_libc = None
-
-
-def pidfd_getfd(pid, fd):
-    """A duplicate, in this process, of file descriptor `fd` of process
-    `pid` (pidfd_open + pidfd_getfd, Linux >= 5.6; needs ptrace rights)."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
-    if pidfd < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, "pidfd_open(%d): %s" % (pid, os.strerror(e)))
-    try:
-        dup = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd),
-                            ctypes.c_uint(0))
-        if dup < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, "pidfd_getfd(%d, %d): %s" % (pid, fd, os.strerror(e)))
-        return dup
-    finally:
-        os.close(pidfd)
 
 
 class SessionInput:

@@ -4,6 +4,7 @@ The tracker reads /proc (session ids, server address, cwd, the sshd's root) and 
 sshd root's etc/passwd; every test gives it a fake /proc and a root of its own.
 """
 import os
+import socket
 
 import pytest
 
@@ -524,3 +525,33 @@ def test_discover_existing_sessions(world):
     assert events[0].text() == ("command_finish (2062) mapoo execute complete "
                                 "(exit code: 137, killed by SIGKILL) sleep 100")
     assert all(e.existing for e in events)
+
+
+def test_socket_addresses_asked_of_the_sockets_agree_with_proc_net_tcp():
+    """On the real /proc the sockets are asked themselves (pidfd_getfd, no walk of the
+    host's connection table); the /proc/PID/net/tcp{,6} reading says the same."""
+    pairs = []
+    for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        listener = socket.socket(family)
+        listener.bind((host, 0))
+        listener.listen()
+        client = socket.create_connection((host, listener.getsockname()[1]))
+        accepted, _ = listener.accept()
+        pairs.append((listener, client, accepted))
+    try:
+        pid = os.getpid()
+        asked = set(sshlog.tcp_sockets(pid, "01"))
+        assert asked == set(sshlog._ask_sockets(pid, sshlog._socket_fds(pid),
+                                                listening=False))     # no fallback
+        from_files = set(sshlog.tcp_sockets(pid, "01", proc="/proc/."))   # not PROC: the files
+        assert asked == from_files
+        for listener, client, accepted in pairs:
+            local, peer = client.getsockname()[:2], client.getpeername()[:2]
+            assert (local, peer) in asked and (peer, local) in asked
+        ports = sshlog.listening_ports(pid)
+        assert ports == sshlog.listening_ports(pid, proc="/proc/.")
+        assert {p[0].getsockname()[1] for p in pairs} <= set(ports)
+    finally:
+        for sockets in pairs:
+            for s in sockets:
+                s.close()
