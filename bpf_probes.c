@@ -110,31 +110,18 @@ struct rec_winsz {
     u32 fd;
 };
 
-#define SMALL_CAP 256
-#define MID_CAP 4096       /* most pty reads: a record reserves 4 KiB of ring, not 16 */
 #define BIG_CAP 16384
-struct rec_data_head {    /* what the three data records share */
+struct rec_data_head {    /* the head of a data record */
     struct rec_hdr h;
     u32 fd;
     u32 lost;
 };
-struct rec_data_small {   /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP; also _mid, _big */
+struct rec_data_big {     /* REC_TTY_*, REC_STDOUT, REC_AUDIT, REC_BTMP: in the ring
+                           * only up to h.len bytes of data */
     struct rec_hdr h;
     u32 fd;
     u32 lost;             /* REC_TTY_*: bytes of this session and direction lost
                            * (ring full) since its previous record; else 0 */
-    u8 data[SMALL_CAP];
-};
-struct rec_data_mid {
-    struct rec_hdr h;
-    u32 fd;
-    u32 lost;
-    u8 data[MID_CAP];
-};
-struct rec_data_big {
-    struct rec_hdr h;
-    u32 fd;
-    u32 lost;
     u8 data[BIG_CAP];
 };
 
@@ -408,52 +395,40 @@ static __always_inline void tty_session_end(u32 sess)
 /* Reserve a data record of `size` bytes on ring `which` (0 ctl, 1 tty); the
  * size is a constant once inlined, as the verifier wants.  A full ring counts
  * the loss, per session for terminal bytes. */
-static __always_inline void *data_reserve(u32 which, u64 size, u32 type, u32 sess, u32 n)
+/* A data record is built in a per-CPU scratch record and copied into the ring
+ * at its exact size (bpf_ringbuf_output): a reservation must be of constant
+ * size, and a 4 KiB reservation for a typical 800-byte pty read let an 8 MiB
+ * ring hold only ~2 MB of a flood.  (No other program of ours runs on this
+ * CPU meanwhile: the kernel does not nest tracing programs on a CPU.) */
+BPF_PERCPU_ARRAY(scratch, struct rec_data_big, 1);
+
+static __always_inline void emit_chunk(u32 which, u32 type, u32 tgid, u32 sess, s32 fd,
+                                       const u8 *src, u32 n)
 {
-    void *r = which ? tty.ringbuf_reserve(size) : ctl.ringbuf_reserve(size);
-    if (!r) {
+    u32 zero = 0;
+    struct rec_data_big *r = scratch.lookup(&zero);
+    if (!r)
+        return;
+    /* the clamp sits in the register the helper receives (LLVM 14 may
+     * otherwise bound a copy, and the verifier then sees an unbounded size) */
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(BIG_CAP));
+    bpf_probe_read_user(r->data, n, src);
+    fill_hdr(&r->h, type, tgid, sess);
+    r->h.len = n;
+    r->fd = fd;
+    r->lost = which ? tty_loss_take(type, sess) : 0;
+    u64 size = sizeof(struct rec_data_head) + n;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(*r)));
+    long err = which ? tty.ringbuf_output(r, size, 0) : ctl.ringbuf_output(r, size, 0);
+    if (err) {
         count_drop(which);
-        if (which)
-            tty_loss_add(type, sess, n);
+        if (which)            /* the loss it carried, and its own bytes, go to the next */
+            tty_loss_add(type, sess, r->lost + n);
     }
-    return r;
 }
 
-static __always_inline void data_submit(u32 which, struct rec_data_head *d, u32 type,
-                                        u32 tgid, u32 sess, s32 fd, u32 n)
-{
-    fill_hdr(&d->h, type, tgid, sess);
-    d->h.len = n;
-    d->fd = fd;
-    d->lost = which ? tty_loss_take(type, sess) : 0;
-    if (which)
-        tty.ringbuf_submit(d, 0);
-    else
-        ctl.ringbuf_submit(d, 0);
-}
-
-/* One size class: reserve, copy up to CAP bytes of user memory, submit.  A
- * macro only so that CAP is a constant in the clamp, which sits in the register
- * the helper receives (LLVM 14 may otherwise bound a copy, and the verifier
- * then sees an unbounded size). */
-#define DEFINE_EMIT(NAME, STRUCT, CAP)                                                  \
-static __always_inline void NAME(u32 which, u32 type, u32 tgid, u32 sess, s32 fd,      \
-                                 const u8 *src, u32 n)                                  \
-{                                                                                       \
-    struct STRUCT *r = data_reserve(which, sizeof(*r), type, sess, n);                  \
-    if (!r)                                                                             \
-        return;                                                                         \
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(CAP));                \
-    bpf_probe_read_user(r->data, n, src);                                               \
-    data_submit(which, (struct rec_data_head *)r, type, tgid, sess, fd, n);             \
-}
-DEFINE_EMIT(emit_small, rec_data_small, SMALL_CAP)
-DEFINE_EMIT(emit_mid, rec_data_mid, MID_CAP)
-DEFINE_EMIT(emit_big, rec_data_big, BIG_CAP)
-
-/* Send `total` bytes of user memory as one or more data records, each of
- * the smallest class that holds its part.  Up to four 16 KiB chunks: sshd
- * reads up to 32 KiB from the pty master at once. */
+/* Send `total` bytes of user memory as one or more data records.  Up to
+ * four 16 KiB chunks: sshd reads up to 32 KiB from the pty master at once. */
 static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
                                       s32 fd, const u8 *src, u64 total)
 {
@@ -461,12 +436,7 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
         if (total == 0)
             return;
         u32 n = total > BIG_CAP ? BIG_CAP : total;
-        if (n <= SMALL_CAP)
-            emit_small(which, type, tgid, sess, fd, src, n);
-        else if (n <= MID_CAP)
-            emit_mid(which, type, tgid, sess, fd, src, n);
-        else
-            emit_big(which, type, tgid, sess, fd, src, n);
+        emit_chunk(which, type, tgid, sess, fd, src, n);
         src += n;
         total -= n;
     }

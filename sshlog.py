@@ -80,9 +80,7 @@ import ipaddress
 import json
 import logging
 import logging.handlers
-import mmap
 import os
-import platform
 import queue
 import re
 import select
@@ -562,9 +560,7 @@ ARGV_CAP = 8192          # bytes of argv kept per exec (power of two)
 STDOUT_CAP = 4096        # bytes of a command's first output kept
 FNAME_CAP = 256
 LAST_ARG_CAP = 256
-SMALL_CAP = 256
-MID_CAP = 4096           # data record size classes: 256 B, 4 KiB, 16 KiB
-BIG_CAP = 16384
+BIG_CAP = 16384          # data bytes per data record (longer reads: several records)
 PATH_CAP = 4096
 CTL_PAGES = 1024         # 4 MiB: control records
 TTY_PAGES = 2048         # 8 MiB: terminal bytes
@@ -617,7 +613,7 @@ class RecWinsz(ctypes.Structure):
 
 
 class RecDataHead(ctypes.Structure):
-    """Fixed part of rec_data_small / _mid / _big; `h.len` bytes follow.
+    """Fixed part of rec_data_big; `h.len` bytes follow (in the ring, no more).
     `lost`: for terminal records, bytes of that session's stream (output or
     input) lost to a full ring since its previous record."""
     _fields_ = [("h", RecHdr), ("fd", ctypes.c_uint32), ("lost", ctypes.c_uint32)]
@@ -663,10 +659,7 @@ _DATA_HEAD = ctypes.sizeof(RecDataHead)
 _TS = struct.Struct("<Q")
 _TYPE = struct.Struct("<I")
 _DATA_HDR = struct.Struct("<IIIIQiI")      # rec_hdr + rec_data_head: type pid sess len ts fd lost
-# where the variable part of a record starts (rec_hdr.len bytes follow)
-_PAYLOAD_AT = {t: _DATA_HEAD for t in (REC_TTY_OUT, REC_TTY_IN, REC_STDOUT, REC_AUDIT,
-                                       REC_BTMP)}
-_PAYLOAD_AT[REC_EXEC] = ctypes.sizeof(RecExecHead)
+DATA_RECORDS = frozenset((REC_TTY_OUT, REC_TTY_IN, REC_STDOUT, REC_AUDIT, REC_BTMP))
 
 
 def _record_ts(raw):
@@ -694,7 +687,7 @@ def decode_record(raw):
     record is short or of an unknown type."""
     if len(raw) < ctypes.sizeof(RecHdr):
         raise ValueError("short record: %d bytes" % len(raw))
-    if _PAYLOAD_AT.get(_TYPE.unpack_from(raw)[0]) == _DATA_HEAD:   # the common case: struct
+    if _TYPE.unpack_from(raw)[0] in DATA_RECORDS:        # the common case, by struct
         if len(raw) < _DATA_HEAD:
             raise ValueError("short RecDataHead record: %d bytes" % len(raw))
         t, pid, sess, n, ts, fd, lost = _DATA_HDR.unpack_from(raw)
@@ -735,64 +728,6 @@ def decode_record(raw):
         r = _need(raw, RecUploadClose)
         return UploadClose(h.ts, h.pid, h.sess, r.fd, r.bytes)
     raise ValueError("unknown record type %d" % t)
-
-
-class RingReader:
-    """One BPF ring buffer read in place through mmap, as libbpf does it: a
-    page holding the consumer position (ours to write), a page holding the
-    producer position, then the data pages mapped twice, so a record that
-    wraps around the end reads as one slice.  Each record starts with an
-    8-byte header: its length, with a BUSY bit while the producer writes it
-    and a DISCARD bit for one it gave up.  Versus bcc's ctypes callback per
-    record this saves ~4 us a record and copies only the used part of a
-    record (a 100-byte pty read sits in a 4 KiB reservation)."""
-
-    BUSY, DISCARD = 1 << 31, 1 << 30
-    _LEN = struct.Struct("<I")
-    _POS = struct.Struct("<Q")
-    _HDR = struct.Struct("<I8xI")   # rec_hdr: type, (pid, sess), len
-
-    def __init__(self, fd, size, page=mmap.PAGESIZE):
-        if size & (size - 1):
-            raise ValueError("ring size %d is not a power of two" % size)
-        self.mask = size - 1
-        self.page = page
-        self.consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                                  offset=page)
-
-    def read(self, out):
-        """Append the records submitted so far to `out` (bytes, cut after the
-        payload their rec_hdr.len announces); frees their space."""
-        pos = self._POS.unpack_from(self.consumer, 0)[0]
-        end = self._POS.unpack_from(self.producer, 0)[0]
-        data, page, mask, used = self.producer, self.page, self.mask, self._used
-        first = pos
-        while pos < end:
-            at = page + (pos & mask)
-            word = self._LEN.unpack_from(data, at)[0]
-            if word & self.BUSY:
-                break                     # still being written: the next drain gets it
-            length = word & ~(self.BUSY | self.DISCARD)
-            if not word & self.DISCARD:
-                out.append(data[at + 8:at + 8 + used(data, at + 8, length)])
-            pos += (length + 8 + 7) & ~7
-        if pos != first:
-            self._POS.pack_into(self.consumer, 0, pos)
-
-    @classmethod
-    def _used(cls, data, at, length):
-        """Bytes of a record worth copying: header and payload of the data and
-        exec records (reserved in size classes), all of any other."""
-        if length < 24:
-            return length
-        kind, n = cls._HDR.unpack_from(data, at)
-        head = _PAYLOAD_AT.get(kind)
-        return min(length, head + n) if head is not None else length
-
-    def close(self):
-        self.consumer.close()
-        self.producer.close()
 
 
 TERMINAL_RECORDS = (REC_TTY_OUT, REC_TTY_IN)
@@ -943,18 +878,12 @@ def kernel_headers_present():
         os.path.isdir("/lib/modules/%s/source/include" % release)
 
 
-# The rings are read through mmap where loads are not reordered (x86's TSO
-# makes libbpf's acquire loads plain loads, and Python has no barriers);
-# elsewhere through bcc's per-record callback.
-RING_MMAP = platform.machine() in ("x86_64", "AMD64", "i686")
-
-
 class Probes:
     """The loaded BPF programs and their two ring buffers.  Records are
     submitted without wake-ups and drained on a short timer, so a busy session
     costs us one batch per tick instead of one wake-up per record."""
 
-    def __init__(self, plan, debug=False, ring_mmap=None):
+    def __init__(self, plan, debug=False):
         bcc = import_bcc()
         if not kernel_headers_present():
             raise SshlogError("kernel headers not found under /lib/modules/%s: install "
@@ -969,13 +898,8 @@ class Probes:
                 log.exception("BPF load failed")
             raise SshlogError("loading the BPF programs failed (%s); run `sshlog doctor`"
                               % str(e).splitlines()[-1][:200])
-        self.readers = []
-        if RING_MMAP if ring_mmap is None else ring_mmap:
-            for name, pages in (("ctl", CTL_PAGES), ("tty", TTY_PAGES)):
-                self.readers.append(RingReader(self.bpf[name].map_fd, pages * mmap.PAGESIZE))
-        else:
-            self.bpf["ctl"].open_ring_buffer(self._on_record)
-            self.bpf["tty"].open_ring_buffer(self._on_record)
+        self.bpf["ctl"].open_ring_buffer(self._on_record)
+        self.bpf["tty"].open_ring_buffer(self._on_record)
 
     def _on_record(self, _ctx, data, size):
         try:
@@ -985,15 +909,11 @@ class Probes:
         return 0
 
     def drain(self):
-        """All records submitted so far, in time order.  The rings are read
-        one after the other (all of `ctl`, then all of `tty`), so a session's
-        last output would otherwise follow its close; each ring is ordered
-        already, and a stable sort on rec_hdr.ts merges the two."""
-        if self.readers:
-            for reader in self.readers:
-                reader.read(self.raw)
-        else:
-            self.bpf.ring_buffer_consume()
+        """All records submitted so far, in time order.  bcc consumes the
+        rings one after the other (all of `ctl`, then all of `tty`), so a
+        session's last output would otherwise follow its close; each ring is
+        ordered already, and a stable sort on rec_hdr.ts merges the two."""
+        self.bpf.ring_buffer_consume()
         out, self.raw = self.raw, []
         if len(out) > 1:
             out.sort(key=_record_ts)
@@ -1010,8 +930,6 @@ class Probes:
         self.bpf["fds"][FdKey(pid, fd)] = FdVal(kind, 0, 0)
 
     def close(self):
-        for reader in self.readers:
-            reader.close()
         self.bpf.cleanup()
 
 

@@ -32,7 +32,7 @@ EXPECTED_SIZES = [
     (sshlog.RecU32, 24 + 4 + 4),                                      # 32
     # rec_winsz: hdr + rows u16 + cols u16 + fd u32
     (sshlog.RecWinsz, 24 + 2 + 2 + 4),                                # 32
-    # rec_data_small / rec_data_big without data[]: hdr + fd u32 + lost (was pad) u32
+    # rec_data_head (rec_data_big without data[]): hdr + fd u32 + lost u32
     (sshlog.RecDataHead, 24 + 4 + 4),                                 # 32
     # rec_upload_open: hdr + fd s32 + flags + mode + pad (u32) + path[PATH_CAP 4096]
     (sshlog.RecUploadOpen, 24 + 4 + 4 + 4 + 4 + 4096),                # 4136
@@ -56,10 +56,8 @@ def test_hand_computed_totals():
     # the totals above, spelled out once so a change of cap shows up as a number
     assert ctypes.sizeof(sshlog.RecExec) == 8744
     assert ctypes.sizeof(sshlog.RecUploadOpen) == 4136
-    # data records as the kernel reserves them: fixed part + data[SMALL_CAP] / data[BIG_CAP]
-    assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.SMALL_CAP == 24 + 4 + 4 + 256 == 288
+    # the per-CPU scratch record a data record is built in: fixed part + data[BIG_CAP]
     assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.BIG_CAP == 24 + 4 + 4 + 16384 == 16416
-    assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.MID_CAP == 24 + 4 + 4 + 4096 == 4128
 
 
 @pytest.mark.parametrize("argv_cap", [256, 4096, 65536])
@@ -123,8 +121,6 @@ STRUCT_MIRRORS = [
     ("rec_u32", sshlog.RecU32, []),
     ("rec_winsz", sshlog.RecWinsz, []),
     ("rec_data_head", sshlog.RecDataHead, []),
-    ("rec_data_small", sshlog.RecDataHead, ["data"]),
-    ("rec_data_mid", sshlog.RecDataHead, ["data"]),
     ("rec_data_big", sshlog.RecDataHead, ["data"]),
     ("rec_upload_open", sshlog.RecUploadOpen, []),
     ("rec_upload_close", sshlog.RecUploadClose, []),
@@ -148,7 +144,7 @@ def test_record_type_numbers_match_c_enum():
     assert c_values == PY_REC_TYPES
 
 
-@pytest.mark.parametrize("name", ["FNAME_CAP", "LAST_ARG_CAP", "SMALL_CAP", "MID_CAP", "BIG_CAP",
+@pytest.mark.parametrize("name", ["FNAME_CAP", "LAST_ARG_CAP", "BIG_CAP",
                                   "PATH_CAP", "F_LISTENER", "F_SSHD", "F_USER", "F_CMD",
                                   "F_XFER", "F_MONITOR"])
 def test_c_defines_match_python(name):
@@ -292,14 +288,14 @@ DATA_TYPES = [sshlog.REC_TTY_OUT, sshlog.REC_TTY_IN, sshlog.REC_STDOUT, sshlog.R
 
 @pytest.mark.parametrize("rtype", DATA_TYPES)
 @pytest.mark.parametrize("cap,data", [
-    (sshlog.SMALL_CAP, b""),
-    (sshlog.SMALL_CAP, b"$ ls\r\n\x1b[0m"),
-    (sshlog.SMALL_CAP, bytes(range(256))),                 # exactly SMALL_CAP
-    (sshlog.BIG_CAP, b"x" * 300 + b"\xff\x00tail"),
+    (0, b""),
+    (None, b"$ ls\r\n\x1b[0m"),                           # exact size, as the ring holds it
+    (None, bytes(range(256))),
+    (sshlog.BIG_CAP, b"x" * 300 + b"\xff\x00tail"),          # the whole scratch record
     (sshlog.BIG_CAP, bytes(range(256)) * 64),              # exactly BIG_CAP
-], ids=["small-empty", "small", "small-full", "big", "big-full"])
-def test_data_records_small_and_big(rtype, cap, data):
-    rec = sshlog.decode_record(rec_data(rtype, data, cap))
+], ids=["empty", "exact", "exact-256", "big", "big-full"])
+def test_data_records(rtype, cap, data):
+    rec = sshlog.decode_record(rec_data(rtype, data, len(data) if cap is None else cap))
     assert rec == sshlog.Data(rtype, 123456789, 1805, 2062, 9, data)
     assert isinstance(rec.data, bytes)
 
@@ -311,10 +307,7 @@ def test_data_len_beyond_buffer_is_rejected():
 
 
 def test_data_record_carries_the_lost_byte_count():
-    if "lost" not in sshlog.Data._fields:
-        pytest.skip("this sshlog.py has no terminal loss counter")
-    raw = (hdr(sshlog.REC_TTY_OUT, length=2) + struct.pack("<II", 9, 70000)
-           + b"ok".ljust(sshlog.SMALL_CAP, b"\0"))
+    raw = hdr(sshlog.REC_TTY_OUT, length=2) + struct.pack("<II", 9, 70000) + b"ok"
     rec = sshlog.decode_record(raw)
     assert (rec.data, rec.lost) == (b"ok", 70000)
 
