@@ -2039,6 +2039,7 @@ class ActionRunner:
 
     def __init__(self, action):
         self.action = action
+        self.handle_many = getattr(action, "handle_many", None)
         self.limit = self.QUEUE_SIZE
         self.pending = collections.deque()
         self.wake = threading.Event()
@@ -2081,10 +2082,7 @@ class ActionRunner:
     def _deliver(self, batch):
         """The action's handle_many() when it has one (one write for a batch),
         else handle() event by event."""
-        try:
-            many = self.action.handle_many
-        except AttributeError:
-            many = None
+        many = self.handle_many
         if many is not None:
             try:
                 many(batch)
