@@ -20,8 +20,9 @@ on/off ratios of:
 
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
 at every sample and reported.  Run as root: `sudo make bench` (~10 minutes), or
-`tests/bench.py --quick` (~3 minutes), `--only exec,flood` for a part.  Other load on the
-machine is reported too (load average before and after): measure on a quiet machine.
+`tests/bench.py --quick` (~3 minutes), `--only exec,flood` for a part, `--on eventlog` for
+the daemon with the text event log alone.  Other load on the machine is reported too (load
+average before and after): measure on a quiet machine.
 """
 import argparse
 import json
