@@ -13,9 +13,11 @@
  *
  * Records go to two ring buffers: `ctl` (connections, exec, exit, auth,
  * uploads) and `tty` (terminal bytes), so a terminal flood can never push out
- * a security event.  Records are reserved in the ring at a fixed size per
- * size class (no per-CPU scratch: syscall tracepoints may be preempted).
- * Every failed reservation is counted in `drops`.
+ * a security event.  Fixed-size records are reserved in the ring; exec and
+ * data records are built in a per-CPU scratch record and copied into the ring
+ * at their used size (the kernel runs these programs with preemption off and
+ * never nests two tracing programs on one CPU, so a scratch record is never
+ * shared).  Every record that does not fit is counted in `drops`.
  *
  * Parameters (all integers, from sshlog.py):
  *   CTL_PAGES, TTY_PAGES   ring sizes in pages (powers of two)
@@ -74,21 +76,6 @@ struct rec_exec {
     u32 fname_len;
     char fname[FNAME_CAP];
     char argv[ARGV_CAP + LAST_ARG_CAP];  /* argc NUL-terminated strings */
-};
-
-/* Most command lines are short: they take a record an eighth the size of
- * rec_exec (same layout, smaller argv), so an exec storm on a loaded machine
- * keeps eight times as many commands in flight before the ring is full. */
-#define SMALL_ARGV 512
-struct rec_exec_small {
-    struct rec_hdr h;
-    u32 ppid;
-    u32 uid;
-    u16 argc;
-    u16 truncated;
-    u32 fname_len;
-    char fname[FNAME_CAP];
-    char argv[SMALL_ARGV + LAST_ARG_CAP];
 };
 
 struct rec_exit {
@@ -398,8 +385,7 @@ static __always_inline void tty_session_end(u32 sess)
 /* A data record is built in a per-CPU scratch record and copied into the ring
  * at its exact size (bpf_ringbuf_output): a reservation must be of constant
  * size, and a 4 KiB reservation for a typical 800-byte pty read let an 8 MiB
- * ring hold only ~2 MB of a flood.  (No other program of ours runs on this
- * CPU meanwhile: the kernel does not nest tracing programs on a CPU.) */
+ * ring hold only ~2 MB of a flood. */
 BPF_PERCPU_ARRAY(scratch, struct rec_data_big, 1);
 
 static __always_inline void emit_chunk(u32 which, u32 type, u32 tgid, u32 sess, s32 fd,
@@ -575,6 +561,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
  * The strings are contiguous from argv[0] up to envp[0]; without an
  * environment (env -i) the last argument is read on its own. */
 struct argv_span { u64 argc; u64 a0; u64 alast; u64 total; };
+BPF_PERCPU_ARRAY(exec_scratch, struct rec_exec, 1);   /* built here, sent at its size */
 
 static __always_inline void argv_locate(struct argv_span *v)
 {
@@ -594,42 +581,37 @@ static __always_inline void argv_locate(struct argv_span *v)
     }
 }
 
-/* Copy the argv strings into a record whose argv holds CAP + LAST_ARG_CAP
- * bytes (a macro only so that CAP is a constant for the verifier's clamp). */
-#define DEFINE_ARGV_COPY(NAME, CAP)                                                     \
-static __always_inline void NAME(struct rec_hdr *h, u16 *truncated, char *argv,        \
-                                 struct argv_span *v)                                   \
-{                                                                                       \
-    u64 total = v->total;                                                               \
-    *truncated = 0;                                                                     \
-    h->len = 0;                                                                         \
-    if (v->argc == 0)                                                                   \
-        return;                                                                         \
-    if (total == 0) {                                                                   \
-        u64 head = v->alast > v->a0 ? v->alast - v->a0 : 0;                             \
-        if (head < CAP) {                                                               \
-            bpf_probe_read_user(argv, head & (CAP - 1), (void *)v->a0);                 \
-            long n = bpf_probe_read_user_str(argv + (head & (CAP - 1)), LAST_ARG_CAP,    \
-                                             (void *)v->alast);                         \
-            h->len = head + (n > 0 ? n : 0);                                            \
-            *truncated = n == LAST_ARG_CAP;                                             \
-            return;                                                                     \
-        }                                                                               \
-        total = CAP + 1;                                                                \
-    }                                                                                   \
-    if (total > CAP) {                                                                  \
-        *truncated = 1;                                                                 \
-        total = CAP;                                                                    \
-    }                                                                                   \
-    u32 n = total;                                                                      \
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(CAP));                \
-    bpf_probe_read_user(argv, n, (void *)v->a0);                                        \
-    h->len = n;                                                                         \
+/* Copy the argv strings into the record (argv holds ARGV_CAP + LAST_ARG_CAP). */
+static __always_inline void argv_copy(struct rec_exec *r, struct argv_span *v)
+{
+    u64 total = v->total;
+    r->truncated = 0;
+    r->h.len = 0;
+    if (v->argc == 0)
+        return;
+    if (total == 0) {
+        u64 head = v->alast > v->a0 ? v->alast - v->a0 : 0;
+        if (head < ARGV_CAP) {
+            bpf_probe_read_user(r->argv, head & (ARGV_CAP - 1), (void *)v->a0);
+            long n = bpf_probe_read_user_str(r->argv + (head & (ARGV_CAP - 1)), LAST_ARG_CAP,
+                                             (void *)v->alast);
+            r->h.len = head + (n > 0 ? n : 0);
+            r->truncated = n == LAST_ARG_CAP;
+            return;
+        }
+        total = ARGV_CAP + 1;
+    }
+    if (total > ARGV_CAP) {
+        r->truncated = 1;
+        total = ARGV_CAP;
+    }
+    u32 n = total;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(ARGV_CAP));
+    bpf_probe_read_user(r->argv, n, (void *)v->a0);
+    r->h.len = n;
 }
-DEFINE_ARGV_COPY(argv_copy_small, SMALL_ARGV)
-DEFINE_ARGV_COPY(argv_copy_big, ARGV_CAP)
 
-/* Everything of an exec record but argv; small and big records share it. */
+/* Everything of an exec record but argv. */
 static __always_inline void exec_head(struct rec_exec *r, u32 tgid, struct proc *p,
                                       struct argv_span *v, const void *fname)
 {
@@ -674,25 +656,17 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     struct argv_span v = {};
     argv_locate(&v);
     const void *fname = (void *)args + (args->data_loc_filename & 0xffff);
-    if (v.total && v.total <= SMALL_ARGV) {
-        struct rec_exec_small *r = ctl.ringbuf_reserve(sizeof(*r));
-        if (!r) {
-            count_drop(0);
-            return 0;
-        }
-        exec_head((struct rec_exec *)r, tgid, p, &v, fname);
-        argv_copy_small(&r->h, &r->truncated, r->argv, &v);
-        ctl.ringbuf_submit(r, 0);
-    } else {
-        struct rec_exec *r = ctl.ringbuf_reserve(sizeof(*r));
-        if (!r) {
-            count_drop(0);
-            return 0;
-        }
-        exec_head(r, tgid, p, &v, fname);
-        argv_copy_big(&r->h, &r->truncated, r->argv, &v);
-        ctl.ringbuf_submit(r, 0);
-    }
+    u32 zero = 0;
+    struct rec_exec *r = exec_scratch.lookup(&zero);
+    if (!r)
+        return 0;
+    exec_head(r, tgid, p, &v, fname);
+    argv_copy(r, &v);
+    /* into the ring at its size: most command lines are a few dozen bytes */
+    u64 size = __builtin_offsetof(struct rec_exec, argv) + r->h.len;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(*r)));
+    if (ctl.ringbuf_output(r, size, 0))
+        count_drop(0);
     return 0;
 }
 

@@ -584,7 +584,8 @@ _EXEC_HEAD_FIELDS = [("h", RecHdr), ("ppid", ctypes.c_uint32), ("uid", ctypes.c_
 
 
 class RecExecHead(ctypes.Structure):
-    """What rec_exec and rec_exec_small share: everything before argv."""
+    """rec_exec up to argv: the ring holds a record only up to its h.len
+    bytes of argv."""
     _fields_ = _EXEC_HEAD_FIELDS
 
 
@@ -594,9 +595,7 @@ def make_rec_exec(argv_cap=ARGV_CAP):
     return RecExec
 
 
-SMALL_ARGV = 512
 RecExec = make_rec_exec()                  # struct rec_exec
-RecExecSmall = make_rec_exec(SMALL_ARGV)   # struct rec_exec_small
 
 
 class RecExit(ctypes.Structure):
@@ -697,7 +696,7 @@ def decode_record(raw):
     h = RecHdr.from_buffer_copy(raw[:ctypes.sizeof(RecHdr)])
     t = h.type
     if t == REC_EXEC:
-        r = _need(raw, RecExecHead)          # small and big records share it
+        r = _need(raw, RecExecHead)
         off = ctypes.sizeof(RecExecHead)
         blob = bytes(raw[off:off + h.len])
         parts = blob.split(b"\0")

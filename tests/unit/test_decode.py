@@ -58,6 +58,8 @@ def test_hand_computed_totals():
     assert ctypes.sizeof(sshlog.RecUploadOpen) == 4136
     # the per-CPU scratch record a data record is built in: fixed part + data[BIG_CAP]
     assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.BIG_CAP == 24 + 4 + 4 + 16384 == 16416
+    # the decoder's struct for the same fixed part
+    assert sshlog._DATA_HDR.size == ctypes.sizeof(sshlog.RecDataHead)
 
 
 @pytest.mark.parametrize("argv_cap", [256, 4096, 65536])
@@ -116,7 +118,6 @@ STRUCT_MIRRORS = [
     ("rec_hdr", sshlog.RecHdr, []),
     ("rec_connect", sshlog.RecConnect, []),
     ("rec_exec", sshlog.RecExec, []),
-    ("rec_exec_small", sshlog.RecExecSmall, []),
     ("rec_exit", sshlog.RecExit, []),
     ("rec_u32", sshlog.RecU32, []),
     ("rec_winsz", sshlog.RecWinsz, []),
@@ -254,14 +255,14 @@ def test_exec_len_beyond_buffer_is_clamped():
     assert rec.argv == ("ls", "-l")
 
 
-def test_exec_records_of_every_size_class_decode():
-    """bpf_probes.c sends short command lines in rec_exec_small (same layout up
-    to argv); the decoder needs only the shared head plus h.len bytes."""
-    for cap in (sshlog.SMALL_ARGV, 256, ARGV_CAP):
-        raw = rec_exec(b"ls\0-la\0/tmp\0", argc=3, argv_cap=cap, fname=b"/bin/ls")
-        assert len(raw) == ctypes.sizeof(sshlog.make_rec_exec(cap))
+def test_exec_records_decode_at_their_exact_size():
+    """bpf_probes.c builds rec_exec in a per-CPU scratch record and puts it in the
+    ring only up to h.len bytes of argv; the decoder needs only that."""
+    blob = b"ls\0-la\0/tmp\0"
+    whole = rec_exec(blob, argc=3, fname=b"/bin/ls")
+    exact = whole[:ctypes.sizeof(sshlog.RecExecHead) + len(blob)]
+    for raw in (exact, whole):
         assert sshlog.decode_record(raw).argv == ("ls", "-la", "/tmp")
-    assert ctypes.sizeof(sshlog.RecExecSmall) == 24 + 4 + 4 + 2 + 2 + 4 + 256 + 512 + 256
     assert ctypes.sizeof(sshlog.RecExecHead) == sshlog.RecExec.argv.offset
 
 
