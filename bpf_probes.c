@@ -386,13 +386,13 @@ static __always_inline void tty_session_end(u32 sess)
  * at its exact size (bpf_ringbuf_output): a reservation must be of constant
  * size, and a 4 KiB reservation for a typical 800-byte pty read let an 8 MiB
  * ring hold only ~2 MB of a flood. */
-BPF_PERCPU_ARRAY(scratch, struct rec_data_big, 1);
+BPF_PERCPU_ARRAY(data_scratch, struct rec_data_big, 1);
 
 static __always_inline void emit_chunk(u32 which, u32 type, u32 tgid, u32 sess, s32 fd,
                                        const u8 *src, u32 n)
 {
     u32 zero = 0;
-    struct rec_data_big *r = scratch.lookup(&zero);
+    struct rec_data_big *r = data_scratch.lookup(&zero);
     if (!r)
         return;
     /* the clamp sits in the register the helper receives (LLVM 14 may
