@@ -379,9 +379,6 @@ static __always_inline void tty_session_end(u32 sess)
 #endif
 }
 
-/* Reserve a data record of `size` bytes on ring `which` (0 ctl, 1 tty); the
- * size is a constant once inlined, as the verifier wants.  A full ring counts
- * the loss, per session for terminal bytes. */
 /* A data record is built in a per-CPU scratch record and copied into the ring
  * at its exact size (bpf_ringbuf_output): a reservation must be of constant
  * size, and a 4 KiB reservation for a typical 800-byte pty read let an 8 MiB
