@@ -167,7 +167,11 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 def printable(text):
     """Escape control characters so a log line or a watcher's terminal stays
-    one line and cannot be driven by escape sequences from a session."""
+    one line and cannot be driven by escape sequences from a session.
+    (str.isprintable() is false for every character the pattern matches:
+    the common, clean line skips the regex.)"""
+    if text.isprintable():
+        return text
     return _CONTROL_CHARS.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
@@ -356,6 +360,21 @@ class Event:
     existing: bool = False        # the session was open before the daemon started
 
     type = "event"
+    _defaults = {}                # field -> default, per class (set below EVENT_TYPES)
+
+    @classmethod
+    def of(cls, base, **fields):
+        """The capture thread's constructor: equal to cls(**base, **fields)
+        at a third of the cost, as a frozen dataclass's __init__ sets each of
+        its ~20 fields through object.__setattr__ (5 us an event, two events
+        a command).  `base` must hold every field without a default
+        (Tracker._base does; a test compares the two constructions)."""
+        obj = object.__new__(cls)
+        attrs = obj.__dict__
+        attrs.update(cls._defaults)
+        attrs.update(base)
+        attrs.update(fields)
+        return obj
 
     def to_dict(self):
         d = {"event_type": self.type}
@@ -422,7 +441,7 @@ class CommandStart(Event):
 
     @property
     def args(self):
-        return " ".join((self.filename,) + tuple(self.argv[1:]))
+        return " ".join((self.filename,) + self.argv[1:])
 
     def to_dict(self):
         d = super().to_dict()
@@ -541,6 +560,10 @@ class SessionAttach(Event):
 EVENT_TYPES = {cls.type: cls for cls in (
     ConnectionEstablished, ConnectionAuthFailed, ConnectionClose, CommandStart,
     CommandFinish, FileUpload, TerminalUpdate, TerminalInput, TerminalResize, SessionAttach)}
+for _cls in EVENT_TYPES.values():
+    _cls._defaults = {f.name: f.default for f in dataclasses.fields(_cls)
+                      if f.default is not dataclasses.MISSING}
+del _cls
 WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES
                             if t not in ("terminal_update", "terminal_input", "terminal_resize"))
 
@@ -657,7 +680,13 @@ UploadClose = collections.namedtuple("UploadClose", "ts pid sess fd bytes")
 _DATA_HEAD = ctypes.sizeof(RecDataHead)
 _TS = struct.Struct("<Q")
 _TYPE = struct.Struct("<I")
+# The three records of every command and every pty read are decoded with struct
+# (a ctypes from_buffer_copy costs ~1 us each); tests tie these to the ctypes layouts.
 _DATA_HDR = struct.Struct("<IIIIQiI")      # rec_hdr + rec_data_head: type pid sess len ts fd lost
+_EXEC_HDR = struct.Struct("<IIIIQIIHHI")   # rec_hdr + rec_exec up to fname: ... ppid uid argc
+                                           # truncated fname_len
+_EXIT_REC = struct.Struct("<IIIIQiI")      # rec_exit: rec_hdr status flags
+_EXEC_HEAD = ctypes.sizeof(RecExecHead)
 DATA_RECORDS = frozenset((REC_TTY_OUT, REC_TTY_IN, REC_STDOUT, REC_AUDIT, REC_BTMP))
 
 
@@ -686,32 +715,33 @@ def decode_record(raw):
     record is short or of an unknown type."""
     if len(raw) < ctypes.sizeof(RecHdr):
         raise ValueError("short record: %d bytes" % len(raw))
-    if _TYPE.unpack_from(raw)[0] in DATA_RECORDS:        # the common case, by struct
+    t = _TYPE.unpack_from(raw)[0]
+    if t in DATA_RECORDS:
         if len(raw) < _DATA_HEAD:
             raise ValueError("short RecDataHead record: %d bytes" % len(raw))
         t, pid, sess, n, ts, fd, lost = _DATA_HDR.unpack_from(raw)
         if _DATA_HEAD + n > len(raw):
             raise ValueError("data record longer than its buffer")
         return Data(t, ts, pid, sess, fd, bytes(raw[_DATA_HEAD:_DATA_HEAD + n]), lost)
-    h = RecHdr.from_buffer_copy(raw[:ctypes.sizeof(RecHdr)])
-    t = h.type
     if t == REC_EXEC:
-        r = _need(raw, RecExecHead)
-        off = ctypes.sizeof(RecExecHead)
-        blob = bytes(raw[off:off + h.len])
-        parts = blob.split(b"\0")
+        if len(raw) < _EXEC_HEAD:
+            raise ValueError("short RecExecHead record: %d bytes" % len(raw))
+        _t, pid, sess, n, ts, ppid, uid, argc, cut, _n = _EXEC_HDR.unpack_from(raw)
+        parts = raw[_EXEC_HEAD:_EXEC_HEAD + n].split(b"\0")
         # after the last NUL: nothing, or a string the cap cut (kept, flagged truncated)
-        kept = parts[:-1] + ([parts[-1]] if r.truncated and parts[-1] else [])
-        argv = tuple(decode_bytes(a) for a in kept[:r.argc])
-        truncated = bool(r.truncated) or len(argv) < r.argc
-        fname = decode_bytes(bytes(raw[RecExecHead.fname.offset:off]).split(b"\0", 1)[0])
-        return Exec(h.ts, h.pid, h.sess, r.ppid, r.uid, fname, argv, truncated)
+        kept = parts[:-1] + ([parts[-1]] if cut and parts[-1] else [])
+        argv = tuple(decode_bytes(a) for a in kept[:argc])
+        fname = decode_bytes(raw[_EXEC_HDR.size:_EXEC_HEAD].split(b"\0", 1)[0])
+        return Exec(ts, pid, sess, ppid, uid, fname, argv, bool(cut) or len(argv) < argc)
+    if t == REC_EXIT:
+        if len(raw) < _EXIT_REC.size:
+            raise ValueError("short RecExit record: %d bytes" % len(raw))
+        _t, pid, sess, _n, ts, status, flags = _EXIT_REC.unpack_from(raw)
+        return Exit(ts, pid, sess, status, flags)
+    h = RecHdr.from_buffer_copy(raw[:ctypes.sizeof(RecHdr)])
     if t == REC_CONNECT:
         r = _need(raw, RecConnect)
         return Connect(h.ts, h.pid, h.sess, r.listener, _ip_text(r.family, r.addr), r.port)
-    if t == REC_EXIT:
-        r = _need(raw, RecExit)
-        return Exit(h.ts, h.pid, h.sess, r.status, r.flags)
     if t in (REC_SETUID, REC_PTY, REC_TTY_LOSS):
         r = _need(raw, RecU32)
         return Value(t, h.ts, h.pid, h.sess, r.value, r.fd)
@@ -1166,8 +1196,8 @@ class Tracker:
             changed = (rec.rows, rec.cols) != (s.rows, s.cols)
             s.rows, s.cols = rec.rows, rec.cols
             if changed and s.established and rec.rows and rec.cols:
-                return [TerminalResize(rows=rec.rows, cols=rec.cols,
-                                       **self._base(s, self.clock.wall(rec.ts)))]
+                return [TerminalResize.of(self._base(s, self.clock.wall(rec.ts)),
+                                          rows=rec.rows, cols=rec.cols)]
             return []
         if kind is UploadOpen:
             if not rec.path.startswith("/dev/"):
@@ -1178,8 +1208,9 @@ class Tracker:
             if found is None:
                 return []
             path, mode = found
-            return [FileUpload(pid=rec.pid, target_path=path, file_mode="%03o" % (mode & 0o777),
-                               bytes=rec.bytes, **self._base(s, self.clock.wall(rec.ts)))]
+            return [FileUpload.of(self._base(s, self.clock.wall(rec.ts)), pid=rec.pid,
+                                  target_path=path, file_mode="%03o" % (mode & 0o777),
+                                  bytes=rec.bytes)]
         return []
 
     def _absolute(self, pid, path, s):
@@ -1223,7 +1254,7 @@ class Tracker:
         s.username = s.auth_acct if acct_ok else passwd_name(uid, s.root)
         s.established = True
         s.last_activity = ts
-        return ConnectionEstablished(rows=s.rows, cols=s.cols, **self._base(s, ts))
+        return ConnectionEstablished.of(self._base(s, ts), rows=s.rows, cols=s.cols)
 
     def _exec(self, rec):
         s = self.live.get(rec.sess)
@@ -1237,9 +1268,9 @@ class Tracker:
                       rec.truncated, rec.uid)
         s.commands[rec.pid] = cmd
         s.last_activity = ts
-        ev = CommandStart(pid=rec.pid, parent_pid=rec.ppid, filename=cmd.filename,
-                          argv=cmd.argv, argv_truncated=cmd.truncated, command_uid=rec.uid,
-                          **self._base(s, ts))
+        ev = CommandStart.of(self._base(s, ts), pid=rec.pid, parent_pid=rec.ppid,
+                             filename=cmd.filename, argv=cmd.argv,
+                             argv_truncated=cmd.truncated, command_uid=rec.uid)
         s.last_command = ev.args
         events.append(ev)
         return events
@@ -1255,18 +1286,18 @@ class Tracker:
             status = rec.status
             sig = status & 0x7F if status >= 0 else 0
             code = 128 + sig if sig else (status >> 8) & 0xFF if status >= 0 else -1
-            events.append(CommandFinish(
-                pid=cmd.pid, parent_pid=cmd.ppid, filename=cmd.filename, argv=cmd.argv,
-                argv_truncated=cmd.truncated, command_uid=cmd.uid, command_start=cmd.start,
-                duration_ms=int((ts - cmd.start) * 1000), exit_code=code,
+            events.append(CommandFinish.of(
+                self._base(s, ts), pid=cmd.pid, parent_pid=cmd.ppid, filename=cmd.filename,
+                argv=cmd.argv, argv_truncated=cmd.truncated, command_uid=cmd.uid,
+                command_start=cmd.start, duration_ms=int((ts - cmd.start) * 1000), exit_code=code,
                 signal=signal_name(sig) if sig else None, stdout=decode_bytes(bytes(cmd.stdout)),
-                stdout_size=cmd.stdout_size, **self._base(s, ts)))
+                stdout_size=cmd.stdout_size))
             s.last_activity = ts
         if rec.pid == s.ptm_pid:
             if s.invalid_pending and not s.established:
                 events.append(self._auth_failed(s, ts, s.auth_acct, True))
-            events.append(ConnectionClose(end_time=ts, duration_ms=int((ts - s.start) * 1000),
-                                          **self._base(s, ts)))
+            events.append(ConnectionClose.of(self._base(s, ts), end_time=ts,
+                                             duration_ms=int((ts - s.start) * 1000)))
             with self.lock:
                 self.live.pop(s.ptm_pid, None)
         return events
@@ -1284,9 +1315,9 @@ class Tracker:
             if rec.lost:
                 s.tty_lost += rec.lost
                 self.tty_lost_bytes += rec.lost
-            return [TerminalUpdate(terminal_data=decode_bytes(rec.data), data_len=len(rec.data),
-                                   raw=rec.data, offset=offset, lost_bytes=rec.lost,
-                                   **self._base(s, ts))]
+            return [TerminalUpdate.of(self._base(s, ts), terminal_data=decode_bytes(rec.data),
+                                      data_len=len(rec.data), raw=rec.data, offset=offset,
+                                      lost_bytes=rec.lost)]
         if rec.type == REC_TTY_IN:
             ts = self.clock.wall(rec.ts)
             offset = s.tty_in_bytes
@@ -1294,9 +1325,9 @@ class Tracker:
             if rec.lost:
                 s.tty_lost += rec.lost
                 self.tty_lost_bytes += rec.lost
-            return [TerminalInput(terminal_data=decode_bytes(rec.data), data_len=len(rec.data),
-                                  raw=rec.data, offset=offset, lost_bytes=rec.lost,
-                                  **self._base(s, ts))]
+            return [TerminalInput.of(self._base(s, ts), terminal_data=decode_bytes(rec.data),
+                                     data_len=len(rec.data), raw=rec.data, offset=offset,
+                                     lost_bytes=rec.lost)]
         if rec.type == REC_STDOUT:
             cmd = s.commands.get(rec.pid)
             if cmd is not None:
@@ -1319,7 +1350,8 @@ class Tracker:
         self.tty_lost_bytes += rec.value
         cls, offset = (TerminalInput, s.tty_in_bytes) if rec.fd == 1 else \
             (TerminalUpdate, s.tty_bytes)
-        return [cls(offset=offset, lost_bytes=rec.value, **self._base(s, self.clock.wall(rec.ts)))]
+        return [cls.of(self._base(s, self.clock.wall(rec.ts)), offset=offset,
+                       lost_bytes=rec.value)]
 
     def _audit(self, s, rec):
         """sshd's NETLINK_AUDIT messages: the one channel that reports every
@@ -1362,8 +1394,8 @@ class Tracker:
         base = self._base(s, ts)
         base["username"] = name
         base["user_id"] = -1
-        return ConnectionAuthFailed(auth_method=method, reason="invalid user" if invalid
-                                    else "authentication failed", **base)
+        return ConnectionAuthFailed.of(base, auth_method=method, reason="invalid user"
+                                       if invalid else "authentication failed")
 
     # -- sessions open before we started --
 
@@ -3917,16 +3949,18 @@ class Pipeline:
                 self.stop(timeout=1)
                 raise SshlogError("action %s (%s, %s) cannot start: %s" % (
                     name, plugin, src, e)) from e
-        self.by_type = collections.defaultdict(list)
+        # event type -> [(the rule's filters that judge this type, its actions)]
+        self.routes = collections.defaultdict(list)
         for rule in config.rules:
             for t in rule.triggers:
-                self.by_type[t].append(rule)
+                self.routes[t].append((tuple(f for f in rule.filters if t in f.triggers),
+                                       rule.actions))
         self.filter_errors = 0
         self._reported = set()
 
     @property
     def wanted(self):
-        return set(self.by_type)
+        return set(self.routes)
 
     def dispatch(self, event):
         self.dispatch_many((event,))
@@ -3934,11 +3968,11 @@ class Pipeline:
     def dispatch_many(self, events):
         """Route a drain tick's events: each action gets its share in one hand-over."""
         shares = collections.defaultdict(list)
-        by_type = self.by_type
+        routes, passes = self.routes, self._passes
         for event in events:
-            for rule in by_type.get(event.type, ()):
-                if all(self._passes(f, event) for f in rule.filters if event.type in f.triggers):
-                    for name in rule.actions:
+            for filters, actions in routes.get(event.type, ()):
+                if not filters or all(passes(f, event) for f in filters):
+                    for name in actions:
                         shares[name].append(event)
         for name, share in shares.items():
             self.runners[name].submit_many(share)

@@ -58,8 +58,25 @@ def test_hand_computed_totals():
     assert ctypes.sizeof(sshlog.RecUploadOpen) == 4136
     # the per-CPU scratch record a data record is built in: fixed part + data[BIG_CAP]
     assert ctypes.sizeof(sshlog.RecDataHead) + sshlog.BIG_CAP == 24 + 4 + 4 + 16384 == 16416
-    # the decoder's struct for the same fixed part
+    # the decoder's structs for the fixed parts it reads without ctypes
     assert sshlog._DATA_HDR.size == ctypes.sizeof(sshlog.RecDataHead)
+    assert sshlog._EXIT_REC.size == ctypes.sizeof(sshlog.RecExit)
+    assert sshlog._EXEC_HDR.size == sshlog.RecExecHead.fname.offset
+
+
+def test_struct_decoders_read_what_ctypes_reads():
+    """The struct formats of the hot records name the same fields at the same
+    offsets as the ctypes layouts."""
+    r = sshlog.RecExecHead()
+    r.h.type, r.h.pid, r.h.sess, r.h.len, r.h.ts = sshlog.REC_EXEC, 11, 12, 13, 2**40 + 14
+    r.ppid, r.uid, r.argc, r.truncated, r.fname_len = 15, 16, 17, 18, 19
+    assert sshlog._EXEC_HDR.unpack_from(bytes(r)) == (
+        sshlog.REC_EXEC, 11, 12, 13, 2**40 + 14, 15, 16, 17, 18, 19)
+    x = sshlog.RecExit()
+    x.h.type, x.h.pid, x.h.sess, x.h.len, x.h.ts = sshlog.REC_EXIT, 21, 22, 0, 2**41 + 23
+    x.status, x.flags = -24, 25
+    assert sshlog._EXIT_REC.unpack_from(bytes(x)) == (
+        sshlog.REC_EXIT, 21, 22, 0, 2**41 + 23, -24, 25)
 
 
 @pytest.mark.parametrize("argv_cap", [256, 4096, 65536])

@@ -6,6 +6,7 @@ import re
 import pytest
 
 import sshlog
+import factories
 from factories import SPEC_TS, command_finish, make_event
 
 RFC3339_US = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -201,3 +202,22 @@ def test_events_are_frozen():
     ev = make_event(sshlog.ConnectionEstablished)
     with pytest.raises(dataclasses.FrozenInstanceError):
         ev.username = "someone-else"
+
+
+@pytest.mark.parametrize("cls", list(sshlog.EVENT_TYPES.values()), ids=list(sshlog.EVENT_TYPES))
+def test_of_builds_the_same_event_as_the_constructor(cls):
+    """Event.of (the tracker's cheap constructor) fills defaults and fields
+    exactly as __init__ does: equal, same repr, frozen, same dict."""
+    assert not any(f.default_factory is not dataclasses.MISSING for f in dataclasses.fields(cls))
+    mandatory = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+    base = dict(factories.BASE, start_time=factories.SPEC_TS - 60)
+    assert mandatory <= set(base)
+    assert cls.of(base) == cls(**base)
+    sample = {int: 7, float: 1.5, str: "x", bytes: b"x", bool: True, tuple: ("a",)}
+    given = {f.name: sample[f.type] for f in dataclasses.fields(cls)[-3:]}
+    assert all(given[k] != getattr(cls.of(base), k) for k in given)
+    built = cls.of(base, **given)
+    assert built == cls(**dict(base, **given)) and repr(built) == repr(cls(**dict(base, **given)))
+    assert built.to_dict() == cls(**dict(base, **given)).to_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.username = "x"
