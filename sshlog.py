@@ -115,6 +115,7 @@ INSTALL_MANIFEST = "/var/lib/sshlog/install.json"        # what `install` create
 DISTRO_SITE_DIRS = ("/usr/lib/python3/dist-packages", "/usr/lib/python3*/site-packages",
                     "/usr/lib64/python3*/site-packages")
 HERE = os.path.dirname(os.path.abspath(__file__))
+RECORDING_NICE = 10            # niceness of the recording threads (see SessionLog)
 
 log = logging.getLogger("sshlog")
 
@@ -564,6 +565,7 @@ for _cls in EVENT_TYPES.values():
     _cls._defaults = {f.name: f.default for f in dataclasses.fields(_cls)
                       if f.default is not dataclasses.MISSING}
 del _cls
+TERMINAL_EVENTS = frozenset((TerminalUpdate, TerminalInput))
 WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES
                             if t not in ("terminal_update", "terminal_input", "terminal_resize"))
 
@@ -2021,6 +2023,7 @@ class Action:
 
     PARAMS = ()
     plugin = help = ""
+    nice = 0                      # niceness of the worker thread (os.setpriority)
 
     def __init__(self, name, params):
         self.name = name
@@ -2061,18 +2064,23 @@ class ActionRunner:
     """One action's bounded queue and worker thread.  The capture thread
     hands over each drain tick's matching events at once and wakes the worker
     at most once per tick: a thread wake-up per event cost more than most
-    actions' work.  `dropped`: events that found the queue full (or were
-    abandoned at shutdown); `failed`: events whose delivery failed for good
-    (after the action's retries)."""
+    actions' work.  The queue is bounded in events and in terminal bytes (a
+    flood comes in events of up to COALESCE_LIMIT bytes).  `dropped`: events
+    that found the queue full (or were abandoned at shutdown); `failed`:
+    events whose delivery failed for good (after the action's retries)."""
 
     QUEUE_SIZE = 10000
+    QUEUE_BYTES = 64 << 20        # terminal bytes queued; past it terminal events are dropped
     LOG_EVERY = 10.0              # seconds between two failure reports of one action
 
     def __init__(self, action):
         self.action = action
         self.handle_many = getattr(action, "handle_many", None)
         self.limit = self.QUEUE_SIZE
+        self.byte_limit = self.QUEUE_BYTES
         self.pending = collections.deque()
+        # terminal bytes queued = queued_bytes - taken_bytes: each counter has one writer thread
+        self.queued_bytes = self.taken_bytes = 0
         self.wake = threading.Event()
         self.closing = False
         self.delivered = self.dropped = self.failed = 0
@@ -2091,15 +2099,39 @@ class ActionRunner:
         if room < len(events):
             self.dropped += len(events) - max(room, 0)
             events = events[:max(room, 0)]
+        if any(type(e) in TERMINAL_EVENTS for e in events):
+            events = self._within_bytes(events)
         self.pending.extend(events)
         if not self.wake.is_set():
             self.wake.set()
 
+    def _within_bytes(self, events):
+        """Terminal events past the byte bound are dropped (a recording marks
+        the gap: its stream offsets jump); the others are small and keep the
+        session's story whole."""
+        room = self.byte_limit - (self.queued_bytes - self.taken_bytes)
+        kept = []
+        for e in events:
+            if type(e) in TERMINAL_EVENTS:
+                if len(e.raw) > room:
+                    self.dropped += 1
+                    continue
+                room -= len(e.raw)
+                self.queued_bytes += len(e.raw)
+            kept.append(e)
+        return kept
+
     def _work(self):
+        if self.action.nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.action.nice)
+            except OSError as e:
+                log.warning("action %s: cannot lower its priority: %s", self.action.name, e)
         pending = self.pending
         while True:
             self.wake.clear()
             batch = [pending.popleft() for _ in range(len(pending))]
+            self.taken_bytes += sum(len(e.raw) for e in batch if type(e) in TERMINAL_EVENTS)
             if not batch:
                 if self.closing or self.abandon.is_set():
                     break
@@ -2716,6 +2748,13 @@ class SessionRecording:
                  "log NAME.log and an asciicast v2 NAME.cast beside it (`sshlog replay`, "
                  "`asciinema play`)")
 class SessionLog(Action):
+    """Recordings are bulk work with no reader waiting: their worker and
+    flusher run at `nice` RECORDING_NICE, so a flood's bytes are encoded
+    (JSON for the .cast, escape stripping for the .log: ~0.2 s of CPU per
+    17 MB) mostly in CPU time the session leaves, not in time taken from it;
+    the capture thread and the other actions keep the daemon's priority."""
+
+    nice = RECORDING_NICE
     PARAMS = (
         Param("log_directory", "str", help="directory of the recordings (created 0700)"),
         Param("timestamp_frequency_seconds", "number", -1,
@@ -2906,6 +2945,10 @@ class SessionLog(Action):
     def _flush_loop(self):
         """Wakes only while some recording has buffered output or a pending
         header (and once a CHECK_GONE_EVERY otherwise): an idle daemon sleeps."""
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
+        except OSError:
+            pass                          # the worker has said so already
         while not self.stopping.is_set():
             with self.lock:
                 busy = any(r.dirty_since is not None or not r.header_done

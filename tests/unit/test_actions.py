@@ -628,3 +628,63 @@ def test_run_command_big_terminal_update_still_runs(tmp_path, dump_script):
     assert len(got["argv"][0].encode()) <= sshlog.EXEC_STRING_MAX + 20
     assert got["env"]["SSHLOG_TERMINAL_DATA"].startswith(data[:1000])
     assert got["env"]["SSHLOG_EVENT_JSON"].endswith("...[truncated]")
+
+
+# -------------------------------------------------------------------------- queue bounds
+
+class GatedAction(sshlog.Action):
+    """Holds its worker until `gate` opens, then remembers what it was given."""
+    plugin = "gated"
+    nice = 5
+
+    def __init__(self):
+        super().__init__("gated", {})
+        self.gate = sshlog.threading.Event()
+        self.seen = []
+
+    def handle(self, event):
+        self.gate.wait(10)
+        self.seen.append(event)
+
+    def close(self):
+        pass
+
+
+def test_queue_is_bounded_in_terminal_bytes_and_keeps_the_other_events(monkeypatch):
+    monkeypatch.setattr(sshlog.ActionRunner, "QUEUE_BYTES", 1000)
+    action = GatedAction()
+    runner = sshlog.ActionRunner(action)
+    try:
+        def update(n, offset):
+            return event(sshlog.TerminalUpdate, raw=b"x" * n, data_len=n, offset=offset)
+        runner.submit_many([update(1, 0)])          # the worker takes it and waits at the gate
+        assert receivers.wait_for(lambda: not runner.pending, 5)
+        batch = [update(400, 1), event(sshlog.CommandStart), update(400, 401),
+                 update(400, 801), event(sshlog.CommandFinish), update(200, 1201)]
+        runner.submit_many(batch)
+        # 400 + 400 fit in 1000 (the first byte is taken already), 400 does not, 200 does
+        assert runner.dropped == 1
+        assert [e.offset if e.type == "terminal_update" else e.type for e in runner.pending] == \
+            [1, "command_start", 401, "command_finish", 1201]
+        action.gate.set()
+        assert receivers.wait_for(lambda: runner.delivered == 6, 5)
+        runner.submit_many([update(900, 1401)])     # the room came back with the deliveries
+        assert receivers.wait_for(lambda: runner.delivered == 7, 5) and runner.dropped == 1
+    finally:
+        action.gate.set()
+        runner.stop(timeout=2)
+
+
+def test_worker_runs_at_the_actions_niceness():
+    action = GatedAction()
+    runner = sshlog.ActionRunner(action)
+    try:
+        runner.submit(event())
+        assert receivers.wait_for(lambda: not runner.pending, 5)
+        with open("/proc/self/task/%d/stat" % runner.thread.native_id) as f:
+            nice = int(f.read().rsplit(")", 1)[1].split()[16])
+        assert nice == os.getpriority(os.PRIO_PROCESS, 0) + 5 or nice == 19
+    finally:
+        action.gate.set()
+        runner.stop(timeout=2)
+    assert sshlog.SessionLog.nice == sshlog.RECORDING_NICE > 0
