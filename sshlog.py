@@ -80,7 +80,9 @@ import ipaddress
 import json
 import logging
 import logging.handlers
+import mmap
 import os
+import platform
 import queue
 import re
 import select
@@ -918,12 +920,65 @@ def kernel_headers_present():
         os.path.isdir("/lib/modules/%s/source/include" % release)
 
 
+class RingReader:
+    """One BPF ring buffer read in place through mmap, as libbpf does: a page
+    holding the consumer position (ours to write), a page holding the
+    producer position, then the data pages mapped twice, so a record that
+    wraps around the end reads as one slice.  Each record starts with an
+    8-byte header: its length, with a BUSY bit while the producer writes it
+    and a DISCARD bit for one it gave up.  bcc's reader calls a ctypes
+    callback per record (~3 us; a flood is ~21,000 records); this reads a
+    drain tick's records in one loop."""
+
+    BUSY, DISCARD = 1 << 31, 1 << 30
+    _LEN = struct.Struct("<I")
+    _POS = struct.Struct("<Q")
+
+    def __init__(self, fd, size, page=mmap.PAGESIZE):
+        if size & (size - 1):
+            raise ValueError("ring size %d is not a power of two" % size)
+        self.mask = size - 1
+        self.page = page
+        self.consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+                                  offset=page)
+
+    def read(self, out):
+        """Append the records committed so far to `out` (bytes) and free
+        their space; stops at the first one still being written."""
+        pos = self._POS.unpack_from(self.consumer, 0)[0]
+        end = self._POS.unpack_from(self.producer, 0)[0]
+        data, page, mask, unpack = self.producer, self.page, self.mask, self._LEN.unpack_from
+        first = pos
+        while pos < end:
+            at = page + (pos & mask)
+            word = unpack(data, at)[0]
+            if word & self.BUSY:
+                break                     # still being written: the next drain gets it
+            length = word & ~(self.BUSY | self.DISCARD)
+            if not word & self.DISCARD:
+                out.append(data[at + 8:at + 8 + length])
+            pos += (length + 8 + 7) & ~7
+        if pos != first:
+            self._POS.pack_into(self.consumer, 0, pos)
+
+    def close(self):
+        self.consumer.close()
+        self.producer.close()
+
+
+# The rings are read through mmap where loads are not reordered (x86's TSO
+# makes libbpf's acquire loads plain loads, and Python has no barriers);
+# elsewhere through bcc's per-record callback.
+RING_MMAP = platform.machine() in ("x86_64", "AMD64")
+
+
 class Probes:
     """The loaded BPF programs and their two ring buffers.  Records are
     submitted without wake-ups and drained on a short timer, so a busy session
     costs us one batch per tick instead of one wake-up per record."""
 
-    def __init__(self, plan, debug=False):
+    def __init__(self, plan, debug=False, ring_mmap=None):
         bcc = import_bcc()
         if not kernel_headers_present():
             raise SshlogError("kernel headers not found under /lib/modules/%s: install "
@@ -938,8 +993,13 @@ class Probes:
                 log.exception("BPF load failed")
             raise SshlogError("loading the BPF programs failed (%s); run `sshlog doctor`"
                               % str(e).splitlines()[-1][:200])
-        self.bpf["ctl"].open_ring_buffer(self._on_record)
-        self.bpf["tty"].open_ring_buffer(self._on_record)
+        self.readers = []
+        if RING_MMAP if ring_mmap is None else ring_mmap:
+            for name, pages in (("ctl", CTL_PAGES), ("tty", TTY_PAGES)):
+                self.readers.append(RingReader(self.bpf[name].map_fd, pages * mmap.PAGESIZE))
+        else:
+            self.bpf["ctl"].open_ring_buffer(self._on_record)
+            self.bpf["tty"].open_ring_buffer(self._on_record)
         release_free_heap()
 
     def _on_record(self, _ctx, data, size):
@@ -950,11 +1010,15 @@ class Probes:
         return 0
 
     def drain(self):
-        """All records submitted so far, in time order.  bcc consumes the
-        rings one after the other (all of `ctl`, then all of `tty`), so a
-        session's last output would otherwise follow its close; each ring is
-        ordered already, and a stable sort on rec_hdr.ts merges the two."""
-        self.bpf.ring_buffer_consume()
+        """All records submitted so far, in time order.  The rings are read
+        one after the other (all of `ctl`, then all of `tty`), so a session's
+        last output would otherwise follow its close; each ring is ordered
+        already, and a stable sort on rec_hdr.ts merges the two."""
+        if self.readers:
+            for reader in self.readers:
+                reader.read(self.raw)
+        else:
+            self.bpf.ring_buffer_consume()
         out, self.raw = self.raw, []
         if len(out) > 1:
             out.sort(key=_record_ts)
@@ -971,6 +1035,8 @@ class Probes:
         self.bpf["fds"][FdKey(pid, fd)] = FdVal(kind, 0, 0)
 
     def close(self):
+        for reader in self.readers:
+            reader.close()
         self.bpf.cleanup()
 
 

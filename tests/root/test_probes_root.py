@@ -1,5 +1,6 @@
-"""The BPF programs loaded in-process: records of a tracked process tree arrive
-whole and in order, across the rings' wrap-around, with nothing dropped."""
+"""The BPF programs loaded in-process, read by both ring readers: records of a
+tracked process tree arrive whole and in order, across the ring's wrap-around
+(mmap reader), with nothing dropped."""
 import subprocess
 import time
 
@@ -10,20 +11,24 @@ import sshlog
 pytestmark = pytest.mark.root
 
 
-def test_tracked_tree_records_arrive_whole_and_in_order():
-    commands = 6000
-    probes = sshlog.Probes(sshlog.probe_plan())
+PAD = "p" * 1000                    # ~1.4 KB of ring per command: 6000 wrap the 4 MiB ring twice
+
+
+@pytest.mark.parametrize("ring_mmap,commands", [(True, 6000), (False, 300)],
+                         ids=["mmap", "bcc-callback"])
+def test_tracked_tree_records_arrive_whole_and_in_order(ring_mmap, commands):
+    probes = sshlog.Probes(sshlog.probe_plan(), ring_mmap=ring_mmap)
     try:
         child = subprocess.Popen(
             ["/bin/sh", "-c", "read go; i=0; while [ $i -lt %d ]; do "
-             "/bin/echo ring-test-$i; i=$((i+1)); done" % commands],
+             "/bin/echo ring-test-$i %s; i=$((i+1)); done" % (commands, PAD)],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         probes.track(child.pid, child.pid, 0, sshlog.F_USER)
         child.stdin.write(b"go\n")
         child.stdin.close()
         records = []
         while child.poll() is None:          # drained as the daemon does: 6000 execs
-            records += probes.drain()        # write ~8 MB through the 4 MiB ring
+            records += probes.drain()
             time.sleep(0.02)
         time.sleep(0.1)
         records += probes.drain()
@@ -32,11 +37,14 @@ def test_tracked_tree_records_arrive_whole_and_in_order():
         probes.close()
     decoded = [sshlog.decode_record(r) for r in records]
     execs = [d for d in decoded if isinstance(d, sshlog.Exec) and d.sess == child.pid]
-    assert [d.argv for d in execs] == [("/bin/echo", "ring-test-%d" % i)
+    assert [d.argv for d in execs] == [("/bin/echo", "ring-test-%d" % i, PAD)
                                        for i in range(commands)]
+    ring_bytes = sum((len(r) + 8 + 7) & ~7 for r in records)
+    assert ring_bytes > (2 * sshlog.CTL_PAGES * 4096 if ring_mmap else 0)
     out = [d.data for d in decoded if isinstance(d, sshlog.Data)
            and d.type == sshlog.REC_STDOUT and d.sess == child.pid]
-    assert out == [b"ring-test-%d\n" % i for i in range(commands)]
+    assert out == [(b"ring-test-%d %s\n" % (i, PAD.encode()))[:sshlog.STDOUT_CAP]
+                   for i in range(commands)]
     exits = [d for d in decoded if isinstance(d, sshlog.Exit) and d.sess == child.pid]
     assert [(d.pid, d.status) for d in exits] == [(d.pid, 0) for d in execs]
     assert [sshlog._record_ts(r) for r in records] == sorted(sshlog._record_ts(r)

@@ -1,0 +1,118 @@
+"""RingReader: the BPF ring buffer read in place.  The kernel's layout is laid
+out in a file (consumer page, producer page, data twice -- the kernel maps the
+same pages twice; here the second copy is written by hand) and read back."""
+import mmap
+import struct
+
+import pytest
+
+import sshlog
+
+PAGE = mmap.PAGESIZE
+SIZE = 4 * PAGE
+
+
+class FakeRing:
+    def __init__(self, path, start=0):
+        self.path = path
+        self.pos = start                      # producer position
+        with open(path, "wb") as f:
+            f.write(b"\0" * (2 * PAGE + 2 * SIZE))
+        self.put_pos(0, start)
+        self.put_pos(PAGE, start)
+
+    def put_pos(self, at, value):
+        with open(self.path, "r+b") as f:
+            f.seek(at)
+            f.write(struct.pack("<Q", value))
+
+    def consumer(self):
+        with open(self.path, "rb") as f:
+            return struct.unpack("<Q", f.read(8))[0]
+
+    def add(self, body, flags=0):
+        """A record at the producer position, mirrored like the double mapping."""
+        record = struct.pack("<II", len(body) | flags, 0) + body
+        record += b"\0" * (-len(record) % 8)
+        with open(self.path, "r+b") as f:
+            for i, byte in enumerate(record):
+                off = (self.pos + i) % SIZE
+                for base in (2 * PAGE, 2 * PAGE + SIZE):
+                    if base + off < 2 * PAGE + 2 * SIZE:
+                        f.seek(base + off)
+                        f.write(bytes([byte]))
+        self.pos += len(record)
+        self.put_pos(PAGE, self.pos)
+
+    def reader(self):
+        f = open(self.path, "r+b")
+        return f, sshlog.RingReader(f.fileno(), SIZE)
+
+
+def data_record(payload, kind=sshlog.REC_TTY_OUT):
+    """A data record at its exact size, as bpf_ringbuf_output puts it in the ring."""
+    return struct.pack("<IIIIQiI", kind, 10, 20, len(payload), 123, 5, 0) + payload
+
+
+def read_all(ring):
+    f, reader = ring.reader()
+    out = []
+    try:
+        reader.read(out)
+    finally:
+        reader.close()
+        f.close()
+    return out
+
+
+def test_records_are_read_whole_and_in_order(tmp_path):
+    ring = FakeRing(tmp_path / "ring")
+    ring.add(data_record(b"hello"))
+    exit_rec = struct.pack("<IIIIQiI", sshlog.REC_EXIT, 1, 2, 0, 9, 256, 0)
+    ring.add(exit_rec)
+    f, reader = ring.reader()
+    out = []
+    reader.read(out)
+    assert out == [data_record(b"hello"), exit_rec]          # no padding, no header
+    assert sshlog.decode_record(out[0]).data == b"hello"
+    assert ring.consumer() == ring.pos
+    out.clear()
+    reader.read(out)                                         # nothing new: nothing read
+    assert out == [] and ring.consumer() == ring.pos
+    reader.close()
+    f.close()
+
+
+def test_busy_record_stops_the_read_and_discarded_ones_are_skipped(tmp_path):
+    ring = FakeRing(tmp_path / "ring")
+    ring.add(data_record(b"gone"), flags=sshlog.RingReader.DISCARD)
+    ring.add(data_record(b"kept"))
+    busy_at = ring.pos
+    ring.add(data_record(b"later"), flags=sshlog.RingReader.BUSY)
+    assert [sshlog.decode_record(r).data for r in read_all(ring)] == [b"kept"]
+    assert ring.consumer() == busy_at       # the busy record is read next time
+
+
+def test_a_record_that_wraps_reads_as_one(tmp_path):
+    start = SIZE - 3000                       # the 4 KiB record crosses the end of the data
+    ring = FakeRing(tmp_path / "ring", start=start)
+    ring.add(data_record(b"w" * 4000))
+    assert [sshlog.decode_record(r).data for r in read_all(ring)] == [b"w" * 4000]
+    assert ring.consumer() == ring.pos > SIZE
+
+
+def test_records_of_odd_lengths_keep_their_alignment(tmp_path):
+    ring = FakeRing(tmp_path / "ring")
+    payloads = [b"a" * n for n in (0, 1, 7, 8, 9, 100, 1001)]
+    for p in payloads:
+        ring.add(data_record(p))
+    assert [sshlog.decode_record(r).data for r in read_all(ring)] == payloads
+    assert ring.consumer() == ring.pos and ring.pos % 8 == 0
+
+
+def test_ring_size_must_be_a_power_of_two(tmp_path):
+    ring = FakeRing(tmp_path / "ring")
+    f = open(ring.path, "r+b")
+    with pytest.raises(ValueError):
+        sshlog.RingReader(f.fileno(), 3 * PAGE)
+    f.close()
