@@ -970,7 +970,7 @@ class RingReader:
 # The rings are read through mmap where loads are not reordered (x86's TSO
 # makes libbpf's acquire loads plain loads, and Python has no barriers);
 # elsewhere through bcc's per-record callback.
-RING_MMAP = platform.machine() in ("x86_64", "AMD64")
+RING_MMAP = platform.machine() == "x86_64"
 
 
 class Probes:
