@@ -974,9 +974,10 @@ RING_MMAP = platform.machine() == "x86_64"
 
 
 class Probes:
-    """The loaded BPF programs and their two ring buffers.  Records are
-    submitted without wake-ups and drained on a short timer, so a busy session
-    costs us one batch per tick instead of one wake-up per record."""
+    """The loaded BPF programs and their two ring buffers.  The rings are
+    drained on a short timer, not polled (the kernel signals only the first
+    record after each drain, and nobody waits on the signal), so a busy
+    session costs us one batch per tick instead of one wake-up per record."""
 
     def __init__(self, plan, debug=False, ring_mmap=None):
         bcc = import_bcc()
