@@ -277,18 +277,32 @@ SYS_PIDFD_GETFD = 438
 _libc = None
 
 
-def pidfd_getfd(pid, fd):
-    """A duplicate, in this process, of file descriptor `fd` of process
-    `pid` (pidfd_open + pidfd_getfd, Linux >= 5.6; needs ptrace rights)."""
+def libc():
+    """The C library this process runs on (errno kept for ctypes.get_errno),
+    loaded once."""
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = _libc.syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
+    return _libc
+
+
+def lower_thread_priority(nice, who):
+    """Set the calling thread's niceness (a per-thread attribute on Linux)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as e:
+        log.warning("%s: cannot lower its priority: %s", who, e)
+
+
+def pidfd_getfd(pid, fd):
+    """A duplicate, in this process, of file descriptor `fd` of process
+    `pid` (pidfd_open + pidfd_getfd, Linux >= 5.6; needs ptrace rights)."""
+    pidfd = libc().syscall(SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(0))
     if pidfd < 0:
         e = ctypes.get_errno()
         raise OSError(e, "pidfd_open(%d): %s" % (pid, os.strerror(e)))
     try:
-        dup = _libc.syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd),
+        dup = libc().syscall(SYS_PIDFD_GETFD, ctypes.c_int(pidfd), ctypes.c_int(fd),
                             ctypes.c_uint(0))
         if dup < 0:
             e = ctypes.get_errno()
@@ -888,7 +902,7 @@ def release_free_heap():
     """Give the C heap's free pages back (glibc's malloc_trim): compiling the
     programs leaves ~29 MB that LLVM freed in the daemon's resident set."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        libc().malloc_trim(0)
     except (OSError, AttributeError):     # not glibc: nothing to do
         pass
 
@@ -2200,15 +2214,13 @@ class ActionRunner:
 
     def _work(self):
         if self.action.nice:
-            try:
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.action.nice)
-            except OSError as e:
-                log.warning("action %s: cannot lower its priority: %s", self.action.name, e)
+            lower_thread_priority(self.action.nice, "action %s" % self.action.name)
         pending = self.pending
         while True:
             self.wake.clear()
             batch = [pending.popleft() for _ in range(len(pending))]
-            self.taken_bytes += sum(len(e.raw) for e in batch if type(e) in TERMINAL_EVENTS)
+            if self.queued_bytes != self.taken_bytes:     # terminal bytes were queued
+                self.taken_bytes += sum(len(e.raw) for e in batch if type(e) in TERMINAL_EVENTS)
             if not batch:
                 if self.closing or self.abandon.is_set():
                     break
@@ -3022,10 +3034,7 @@ class SessionLog(Action):
     def _flush_loop(self):
         """Wakes only while some recording has buffered output or a pending
         header (and once a CHECK_GONE_EVERY otherwise): an idle daemon sleeps."""
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.nice)
-        except OSError:
-            pass                          # the worker has said so already
+        lower_thread_priority(self.nice, "recordings of action %s" % self.name)
         while not self.stopping.is_set():
             with self.lock:
                 busy = any(r.dirty_since is not None or not r.header_done
