@@ -81,6 +81,7 @@ import json
 import logging
 import logging.handlers
 import mmap
+import operator
 import os
 import platform
 import queue
@@ -696,7 +697,7 @@ UploadOpen = collections.namedtuple("UploadOpen", "ts pid sess fd flags mode pat
 UploadClose = collections.namedtuple("UploadClose", "ts pid sess fd bytes")
 
 _DATA_HEAD = ctypes.sizeof(RecDataHead)
-_TS = struct.Struct("<Q")
+_TS_OF = operator.attrgetter("ts")
 _TYPE = struct.Struct("<I")
 # The three records of every command and every pty read are decoded with struct
 # (a ctypes from_buffer_copy costs ~1 us each); tests tie these to the ctypes layouts.
@@ -706,11 +707,6 @@ _EXEC_HDR = struct.Struct("<IIIIQIIHHI")   # rec_hdr + rec_exec up to fname: ...
 _EXIT_REC = struct.Struct("<IIIIQiI")      # rec_exit: rec_hdr status flags
 _EXEC_HEAD = ctypes.sizeof(RecExecHead)
 DATA_RECORDS = frozenset((REC_TTY_OUT, REC_TTY_IN, REC_STDOUT, REC_AUDIT, REC_BTMP))
-
-
-def _record_ts(raw):
-    """rec_hdr.ts of a raw record (0 for one too short to have it)."""
-    return _TS.unpack_from(raw, 16)[0] if len(raw) >= 24 else 0
 
 
 def _ip_text(family, raw):
@@ -781,32 +777,52 @@ TERMINAL_RECORDS = (REC_TTY_OUT, REC_TTY_IN)
 COALESCE_LIMIT = 256 * 1024      # bytes of terminal data merged into one record
 
 
-def coalesce_terminal(records, limit=COALESCE_LIMIT):
-    """Merge each session's consecutive terminal records of one batch into
-    one, so a flood costs one event per batch instead of one per pty read.
-    Order within a session is kept: any other record of that session, the
-    other direction, or a record that reports lost bytes starts a new group
-    (so a loss marker stays where the loss happened)."""
-    out, open_groups = [], {}        # sess -> index in `out` of a growing group
-    for rec in records:
-        kind = type(rec)
-        sess = rec.sess
-        if kind is Data and rec.type in TERMINAL_RECORDS:
-            i = open_groups.get(sess)
-            if i is not None:
-                first, chunks, size = out[i]
-                if first.type == rec.type and not rec.lost and size + len(rec.data) <= limit:
-                    chunks.append(rec.data)
-                    out[i] = (first, chunks, size + len(rec.data))
-                    continue
-            open_groups[sess] = len(out)
-            out.append((rec, [rec.data], len(rec.data)))
+def merge_terminal(buf, spans, breaks=None, limit=COALESCE_LIMIT):
+    """Decode the terminal ring's records (`spans`: start and length of each
+    in `buf`), merging each session's consecutive reads of one direction:
+    a flood then costs one record per drain instead of one per pty read
+    (~21,000 of them).  A new group starts at the other direction, at a
+    record that reports lost bytes (so the loss marker stays where the loss
+    was), past `limit` bytes, and where a control record of the session
+    falls between two reads (`breaks`: sess -> times of its control records
+    in this batch), so a command's start stays between the output before
+    and after it.  Returns the records in ring order, each group with the
+    time of its first read, and a ValueError for each undecodable record."""
+    out, errors, groups = [], [], {}     # sess -> [type, chunks, size, last ts, index in out]
+    unpack, head = _DATA_HDR.unpack_from, _DATA_HEAD
+
+    def close(group):
+        if len(group[1]) > 1:
+            out[group[4]] = out[group[4]]._replace(data=b"".join(group[1]))
+
+    for start, length in spans:
+        if length >= head:
+            t, pid, sess, n, ts, fd, lost = unpack(buf, start)
+        if length < head or t not in TERMINAL_RECORDS or head + n > length:
+            try:
+                rec = decode_record(bytes(buf[start:start + length]))
+            except ValueError as e:
+                errors.append(e)
+                continue
+            if rec.sess in groups:
+                close(groups.pop(rec.sess))
+            out.append(rec)
             continue
-        open_groups.pop(sess, None)
-        out.append(rec)
-    return [item if type(item) is not tuple else
-            item[0] if len(item[1]) == 1 else item[0]._replace(data=b"".join(item[1]))
-            for item in out]
+        data = buf[start + head:start + head + n]
+        group = groups.get(sess)
+        if group is not None:
+            if group[0] == t and not lost and group[2] + n <= limit and not (
+                    breaks and sess in breaks and any(group[3] < b <= ts for b in breaks[sess])):
+                group[1].append(data)
+                group[2] += n
+                group[3] = ts
+                continue
+            close(group)
+        groups[sess] = [t, [data], n, ts, len(out)]
+        out.append(Data(t, ts, pid, sess, fd, data, lost))
+    for group in groups.values():
+        close(group)
+    return out, errors
 
 
 ###############################################################################
@@ -954,31 +970,44 @@ class RingReader:
         self.mask = size - 1
         self.page = page
         self.consumer = mmap.mmap(fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.producer = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
-                                  offset=page)
+        self.data = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
+                              offset=page)       # the producer's page, then the records
 
-    def read(self, out):
-        """Append the records committed so far to `out` (bytes) and free
-        their space; stops at the first one still being written."""
+    def spans(self):
+        """Where the records committed so far are: (start, length) of each
+        in `self.data`, and the position after them, for release().  Stops
+        at the first record still being written."""
         pos = self._POS.unpack_from(self.consumer, 0)[0]
-        end = self._POS.unpack_from(self.producer, 0)[0]
-        data, page, mask, unpack = self.producer, self.page, self.mask, self._LEN.unpack_from
-        first = pos
+        end = self._POS.unpack_from(self.data, 0)[0]
+        data, page, mask, unpack = self.data, self.page, self.mask, self._LEN.unpack_from
+        busy, flags = self.BUSY, self.BUSY | self.DISCARD
+        found = []
         while pos < end:
             at = page + (pos & mask)
-            word = unpack(data, at)[0]
-            if word & self.BUSY:
-                break                     # still being written: the next drain gets it
-            length = word & ~(self.BUSY | self.DISCARD)
-            if not word & self.DISCARD:
-                out.append(data[at + 8:at + 8 + length])
-            pos += (length + 8 + 7) & ~7
-        if pos != first:
-            self._POS.pack_into(self.consumer, 0, pos)
+            length = unpack(data, at)[0]
+            if length & flags:
+                if length & busy:
+                    break                 # still being written: the next drain gets it
+                pos += ((length & ~flags) + 15) & ~7      # discarded: skipped
+                continue
+            found.append((at + 8, length))
+            pos += (length + 15) & ~7     # 8-byte header, record padded to 8
+        return found, pos
+
+    def release(self, pos):
+        """Give the space of the records before `pos` back to the producer."""
+        self._POS.pack_into(self.consumer, 0, pos)
+
+    def read(self, out):
+        """Append a copy of each record committed so far to `out`, and free them."""
+        found, pos = self.spans()
+        data = self.data
+        out.extend(data[start:start + length] for start, length in found)
+        self.release(pos)
 
     def close(self):
         self.consumer.close()
-        self.producer.close()
+        self.data.close()
 
 
 # The rings are read through mmap where loads are not reordered (x86's TSO
@@ -999,8 +1028,9 @@ class Probes:
             raise SshlogError("kernel headers not found under /lib/modules/%s: install "
                               "linux-headers-amd64 and link it there (`sshlog doctor`)"
                               % os.uname().release)
-        self.raw = []                     # records waiting for decode
+        self.raw = ([], [])               # bcc's reader: records of ctl, of tty
         self.callback_errors = 0
+        self.decode_errors = 0
         try:
             self.bpf = bcc.BPF(text=probe_source(), cflags=list(plan.cflags))
         except Exception as e:            # bcc raises bare Exception
@@ -1008,36 +1038,68 @@ class Probes:
                 log.exception("BPF load failed")
             raise SshlogError("loading the BPF programs failed (%s); run `sshlog doctor`"
                               % str(e).splitlines()[-1][:200])
-        self.readers = []
+        self.readers = None
         if RING_MMAP if ring_mmap is None else ring_mmap:
-            for name, pages in (("ctl", CTL_PAGES), ("tty", TTY_PAGES)):
-                self.readers.append(RingReader(self.bpf[name].map_fd, pages * mmap.PAGESIZE))
+            self.readers = tuple(RingReader(self.bpf[name].map_fd, pages * mmap.PAGESIZE)
+                                 for name, pages in (("ctl", CTL_PAGES), ("tty", TTY_PAGES)))
         else:
-            self.bpf["ctl"].open_ring_buffer(self._on_record)
-            self.bpf["tty"].open_ring_buffer(self._on_record)
+            for ring, raw in zip(("ctl", "tty"), self.raw):
+                self.bpf[ring].open_ring_buffer(self._collector(raw))
         release_free_heap()
 
-    def _on_record(self, _ctx, data, size):
-        try:
-            self.raw.append(ctypes.string_at(data, size))
-        except Exception:                 # a ctypes callback must never raise
-            self.callback_errors += 1
-        return 0
+    def _collector(self, raw):
+        def on_record(_ctx, data, size):
+            try:
+                raw.append(ctypes.string_at(data, size))
+            except Exception:             # a ctypes callback must never raise
+                self.callback_errors += 1
+            return 0
+        return on_record
 
     def drain(self):
-        """All records submitted so far, in time order.  The rings are read
-        one after the other (all of `ctl`, then all of `tty`), so a session's
-        last output would otherwise follow its close; each ring is ordered
-        already, and a stable sort on rec_hdr.ts merges the two."""
+        """The records submitted so far, decoded, in time order, each
+        session's consecutive terminal reads merged (merge_terminal).  Each
+        ring is in order already; the terminal ring is read after the
+        control ring, so a session's last output would otherwise follow its
+        close: a stable sort on the time merges the two."""
+        ctl, tty = self.raw
         if self.readers:
-            for reader in self.readers:
-                reader.read(self.raw)
+            ctl_reader, tty_reader = self.readers
+            ctl_reader.read(ctl)
+            spans, end = tty_reader.spans()
+            buf = tty_reader.data
         else:
             self.bpf.ring_buffer_consume()
-        out, self.raw = self.raw, []
-        if len(out) > 1:
-            out.sort(key=_record_ts)
-        return out
+            buf, spans, at = b"".join(tty), [], 0
+            for raw in tty:
+                spans.append((at, len(raw)))
+                at += len(raw)
+            tty.clear()
+        records, errors, breaks = [], [], {}
+        for raw in ctl:
+            try:
+                rec = decode_record(raw)
+            except ValueError as e:
+                errors.append(e)
+                continue
+            records.append(rec)
+            breaks.setdefault(rec.sess, []).append(rec.ts)
+        ctl.clear()
+        if spans:
+            merged, bad = merge_terminal(buf, spans, breaks)
+            errors += bad
+            if records:
+                records += merged
+                records.sort(key=_TS_OF)
+            else:
+                records = merged
+        if self.readers:
+            tty_reader.release(end)
+        for e in errors:
+            self.decode_errors += 1
+            if self.decode_errors in (1, 100) or self.decode_errors % 10000 == 0:
+                log.error("undecodable record (%d so far): %s", self.decode_errors, e)
+        return records
 
     def drops(self):
         d = self.bpf["drops"]
@@ -1050,7 +1112,7 @@ class Probes:
         self.bpf["fds"][FdKey(pid, fd)] = FdVal(kind, 0, 0)
 
     def close(self):
-        for reader in self.readers:
+        for reader in self.readers or ():
             reader.close()
         self.bpf.cleanup()
 
@@ -4919,7 +4981,6 @@ class Daemon:
         self.stopping = threading.Event()
         self.reload_requested = False
         self.counts = collections.Counter()
-        self.decode_errors = 0
         self.watchers = []
         self.watch_lock = threading.Lock()
         self.started = time.time()
@@ -4985,7 +5046,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 1),
                 "events": dict(self.counts),
                 "bpf_drops": self.probes.drops() if self.probes else {},
-                "decode_errors": self.decode_errors,
+                "decode_errors": self.probes.decode_errors if self.probes else 0,
                 "callback_errors": self.probes.callback_errors if self.probes else 0,
                 "filter_errors": self.pipeline.filter_errors if self.pipeline else 0,
                 "actions": self.pipeline.stats() if self.pipeline else {},
@@ -5068,25 +5129,14 @@ class Daemon:
             events = []
             while self.api_events:          # attach/kill audit events, before new records
                 events.append(self.api_events.popleft())
-            batch = self.probes.drain()
-            for rec in coalesce_terminal(self.decode_batch(batch)):
+            records = self.probes.drain()
+            for rec in records:
                 events.extend(handle(rec))
             if events:
                 self.publish_many(events)
             if self.reload_requested:
                 self.reload()
-            self.stopping.wait(self.TICK if batch else self.IDLE_TICK)
-
-    def decode_batch(self, batch):
-        records = []
-        for raw in batch:
-            try:
-                records.append(decode_record(raw))
-            except ValueError as e:
-                self.decode_errors += 1
-                if self.decode_errors in (1, 100) or self.decode_errors % 10000 == 0:
-                    log.error("undecodable record (%d so far): %s", self.decode_errors, e)
-        return records
+            self.stopping.wait(self.TICK if records else self.IDLE_TICK)
 
     def publish(self, event):
         self.publish_many((event,))
@@ -5110,7 +5160,7 @@ class Daemon:
         self.stopping.set()
         if self.probes:
             try:   # records already in the rings still reach the logs
-                for rec in coalesce_terminal(self.decode_batch(self.probes.drain())):
+                for rec in self.probes.drain():
                     for ev in self.tracker.handle(rec):
                         self.publish(ev)
             finally:

@@ -363,7 +363,7 @@ def test_socket_path_from_the_environment(api, capsys, monkeypatch):
 # The real Daemon object (not run): start_api, status() and publish() behind the socket.
 
 class NoProbes:
-    callback_errors = 0
+    callback_errors = decode_errors = 0
 
     def drops(self):
         return {"ctl": 1, "tty": 0}

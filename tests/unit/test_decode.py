@@ -601,34 +601,108 @@ def test_parse_audit_fields_hostname_is_never_hex_decoded():
 
 
 # ---------------------------------------------------------------------------------------
-# Terminal records of one batch are merged per session, order kept.
+# Terminal records of one drain are merged per session, order kept.
 
 def _tty(sess, data, ts=1, lost=0, rtype=None):
     return sshlog.Data(rtype or sshlog.REC_TTY_OUT, ts, 7, sess, 10, data, lost)
 
 
-def test_coalesce_merges_a_sessions_consecutive_output():
-    exec_in_2 = sshlog.Exec(5, 99, 2, 1, 1000, "/bin/true", ("true",), False)
-    recs = [_tty(1, b"a", ts=1), _tty(2, b"x", ts=2), _tty(1, b"b", ts=3), exec_in_2,
-            _tty(1, b"c", ts=6), _tty(2, b"y", ts=7)]
-    # session 2's exec splits only session 2's output; each group keeps its first ts
-    assert sshlog.coalesce_terminal(recs) == [_tty(1, b"abc", ts=1), _tty(2, b"x", ts=2),
-                                              exec_in_2, _tty(2, b"y", ts=7)]
+def _ring(*recs, pad=3):
+    """Records laid out as in a ring (here `pad` bytes apart): the buffer and
+    the (start, length) of each."""
+    buf, spans = b"", []
+    for r in recs:
+        raw = r if isinstance(r, bytes) else struct.pack(
+            "<IIIIQiI", r.type, r.pid, r.sess, len(r.data), r.ts, r.fd, r.lost) + r.data
+        buf += b"\xee" * pad
+        spans.append((len(buf), len(raw)))
+        buf += raw
+    return buf, spans
 
 
-def test_coalesce_keeps_order_around_a_sessions_other_records():
-    start = sshlog.Exec(5, 99, 1, 1, 1000, "/bin/ls", ("ls",), False)
-    recs = [_tty(1, b"before"), start, _tty(1, b"after")]
-    assert sshlog.coalesce_terminal(recs) == recs
+def _merge(*recs, breaks=None, limit=sshlog.COALESCE_LIMIT):
+    merged, errors = sshlog.merge_terminal(*_ring(*recs), breaks=breaks, limit=limit)
+    assert errors == []
+    return merged
 
 
-def test_coalesce_starts_a_group_at_a_loss_and_at_the_other_direction():
+def test_merge_joins_each_sessions_consecutive_output():
+    # interleaved sessions each get one record, with the time of its first read
+    assert _merge(_tty(1, b"a", ts=1), _tty(2, b"x", ts=2), _tty(1, b"b", ts=3),
+                  _tty(2, b"y", ts=7), _tty(1, b"c", ts=8)) == [_tty(1, b"abc", ts=1),
+                                                                _tty(2, b"xy", ts=2)]
+
+
+def test_merge_splits_where_a_control_record_of_the_session_falls():
+    recs = (_tty(1, b"a", ts=1), _tty(2, b"x", ts=2), _tty(1, b"b", ts=3),
+            _tty(1, b"c", ts=6), _tty(2, b"y", ts=7))
+    # session 2's exec at ts 5 splits only session 2's output
+    assert _merge(*recs, breaks={2: [5]}) == [_tty(1, b"abc", ts=1), _tty(2, b"x", ts=2),
+                                              _tty(2, b"y", ts=7)]
+    # at the very time of a read the control record goes first (the sort is stable,
+    # control records first): that read starts a new group
+    assert _merge(*recs, breaks={1: [6]})[:2] == [_tty(1, b"ab", ts=1), _tty(2, b"xy", ts=2)]
+    # before the first read or after the last: no split
+    assert _merge(*recs, breaks={1: [1, 9], 2: [0]}) == _merge(*recs)
+
+
+def test_merge_starts_a_group_at_a_loss_and_at_the_other_direction():
     recs = [_tty(1, b"a"), _tty(1, b"b", lost=4096), _tty(1, b"k", rtype=sshlog.REC_TTY_IN),
             _tty(1, b"c")]
-    assert sshlog.coalesce_terminal(recs) == recs
+    assert _merge(*recs) == recs
 
 
-def test_coalesce_limit():
-    recs = [_tty(1, b"x" * 100) for _ in range(5)]
-    out = sshlog.coalesce_terminal(recs, limit=250)
+def test_merge_limit():
+    out = _merge(*[_tty(1, b"x" * 100) for _ in range(5)], limit=250)
     assert [len(r.data) for r in out] == [200, 200, 100]
+
+
+def test_merge_decodes_other_records_in_place_and_counts_bad_ones():
+    exit_rec = struct.pack("<IIIIQiI", sshlog.REC_EXIT, 9, 1, 0, 4, 256, 0)
+    buf, spans = _ring(_tty(1, b"a", ts=1), exit_rec, _tty(1, b"b", ts=5), b"\x01\x02",
+                       struct.pack("<I", 99) + bytes(40), _tty(1, b"c", ts=6))
+    merged, errors = sshlog.merge_terminal(buf, spans)
+    # a non-terminal record ends the session's group, as a control record would
+    assert merged == [_tty(1, b"a", ts=1), sshlog.Exit(4, 9, 1, 256, 0), _tty(1, b"bc", ts=5)]
+    assert [str(e) for e in errors] == ["short record: 2 bytes", "unknown record type 99"]
+    # a data record claiming more bytes than it has is refused, not read past its end
+    short = struct.pack("<IIIIQiI", sshlog.REC_TTY_OUT, 7, 1, 50, 1, 10, 0) + b"abc"
+    merged, errors = sshlog.merge_terminal(*_ring(short, _tty(1, b"d", ts=2)))
+    assert merged == [_tty(1, b"d", ts=2)] and len(errors) == 1
+
+
+def _merge_by_definition(recs, breaks, limit):
+    """What merge_terminal must return, the slow way: put the control records
+    where they fall in time (before reads of the same time), then walk
+    everything in that order, growing each session's group while it can."""
+    timeline = sorted([(b, 0, i, sess) for sess, times in breaks.items()
+                       for i, b in enumerate(times)] +
+                      [(r.ts, 1, i, r) for i, r in enumerate(recs)],
+                      key=lambda x: (x[0], x[1], x[2]))
+    out, open_group = [], {}
+    for _ts, kind, _i, item in timeline:
+        if kind == 0:
+            open_group.pop(item, None)
+            continue
+        g = open_group.get(item.sess)
+        if g is not None and out[g].type == item.type and not item.lost and \
+                len(out[g].data) + len(item.data) <= limit:
+            out[g] = out[g]._replace(data=out[g].data + item.data)
+            continue
+        open_group[item.sess] = len(out)
+        out.append(item)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 3), st.sampled_from([sshlog.REC_TTY_OUT,
+                                                             sshlog.REC_TTY_IN]),
+                          st.binary(max_size=20), st.sampled_from([0, 0, 0, 5])),
+                max_size=30),
+       st.dictionaries(st.integers(1, 3), st.lists(st.integers(0, 32), max_size=3)),
+       st.integers(1, 60))
+def test_merge_matches_its_definition(reads, breaks, limit):
+    recs = [_tty(sess, data, ts=i + 1, lost=lost, rtype=t)
+            for i, (sess, t, data, lost) in enumerate(reads)]
+    assert _merge(*recs, breaks=breaks, limit=limit) == \
+        _merge_by_definition(recs, breaks, limit)

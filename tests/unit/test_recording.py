@@ -94,6 +94,18 @@ def test_terminal_text_drops_an_unterminated_string_at_the_bound():
     assert tt.feed("visible") == "visible"
 
 
+def test_output_after_a_half_read_sequence_or_character(tmp_path):
+    out = Out()
+    run(action(tmp_path), ev(sshlog.ConnectionEstablished),
+        out(0.1, b"ab\x1b"), out(0.2, b"[Kcd\r\n"),          # an escape cut by the read
+        out(0.3, b"caf\xc3"), out(0.4, b" ok\r\n"),           # a character never finished
+        ev(sshlog.ConnectionClose, 1))
+    _, events = read_cast(tmp_path / "rec" / "ssh_4242.cast")
+    assert output_of(events) == "ab\x1b[Kcd\r\ncaf\\xc3 ok\r\n"
+    log = (tmp_path / "rec" / "ssh_4242.log").read_text()
+    assert "abcd\ncaf\\xc3 ok\n" in log
+
+
 # ---------------------------------------------------------------------------------------
 # A whole session
 
@@ -400,13 +412,6 @@ def test_tracker_terminal_events(tmp_path):
                                                                      (5, 0, 123)]
     assert tr.tty_lost_bytes == 623
     assert evs[5].raw == b"ls\r" and evs[5].text().endswith("terminal input (3 bytes)")
-
-
-def test_drain_order_merges_the_rings_by_time():
-    recs = [sshlog.RecHdr(type=t, ts=ts) for t, ts in ((3, 30), (3, 10), (8, 5), (8, 20))]
-    raws = [bytes(r) for r in recs]
-    assert [sshlog._record_ts(r) for r in sorted(raws, key=sshlog._record_ts)] == [5, 10, 20, 30]
-    assert sshlog._record_ts(b"short") == 0
 
 
 # ---------------------------------------------------------------------------------------

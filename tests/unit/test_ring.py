@@ -1,6 +1,7 @@
 """RingReader: the BPF ring buffer read in place.  The kernel's layout is laid
 out in a file (consumer page, producer page, data twice -- the kernel maps the
 same pages twice; here the second copy is written by hand) and read back."""
+import ctypes
 import mmap
 import struct
 
@@ -116,3 +117,72 @@ def test_ring_size_must_be_a_power_of_two(tmp_path):
     with pytest.raises(ValueError):
         sshlog.RingReader(f.fileno(), 3 * PAGE)
     f.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Probes.drain: both rings, decoded, merged by time, with either reader.
+
+def exit_record(sess, ts, pid=99):
+    return struct.pack("<IIIIQiI", sshlog.REC_EXIT, pid, sess, 0, ts, 0, sshlog.F_MONITOR)
+
+
+def tty_record(sess, data, ts):
+    return struct.pack("<IIIIQiI", sshlog.REC_TTY_OUT, 7, sess, len(data), ts, 9, 0) + data
+
+
+CTL = [exit_record(1, 25), exit_record(2, 40)]
+TTY = [tty_record(1, b"a", 10), tty_record(2, b"x", 15), tty_record(1, b"b", 20),
+       tty_record(1, b"c", 30), tty_record(2, b"y", 35), tty_record(2, b"z", 50)]
+# session 1's exit at 25 falls between its "b" and "c"; session 2's at 40 after its "y"
+DRAINED = [sshlog.Data(sshlog.REC_TTY_OUT, 10, 7, 1, 9, b"ab", 0),
+           sshlog.Data(sshlog.REC_TTY_OUT, 15, 7, 2, 9, b"xy", 0),
+           sshlog.Exit(25, 99, 1, 0, sshlog.F_MONITOR),
+           sshlog.Data(sshlog.REC_TTY_OUT, 30, 7, 1, 9, b"c", 0),
+           sshlog.Exit(40, 99, 2, 0, sshlog.F_MONITOR),
+           sshlog.Data(sshlog.REC_TTY_OUT, 50, 7, 2, 9, b"z", 0)]
+
+
+def unloaded_probes(readers=None, bpf=None):
+    probes = object.__new__(sshlog.Probes)       # the BPF side is not loaded here
+    probes.raw, probes.readers, probes.bpf = ([], []), readers, bpf
+    probes.decode_errors = probes.callback_errors = 0
+    return probes
+
+
+def test_drain_reads_both_mapped_rings_in_time_order(tmp_path):
+    ctl, tty = FakeRing(tmp_path / "ctl"), FakeRing(tmp_path / "tty", start=SIZE - 40)
+    for raw in CTL:
+        ctl.add(raw)
+    for raw in TTY:                               # the terminal ring wraps around meanwhile
+        tty.add(raw)
+    tty.add(tty_record(3, b"gone", 60), flags=sshlog.RingReader.DISCARD)
+    tty.add(b"\x01\x02\x03")                     # undecodable: counted
+    files = [open(ring.path, "r+b") for ring in (ctl, tty)]
+    probes = unloaded_probes(readers=tuple(sshlog.RingReader(f.fileno(), SIZE) for f in files))
+    try:
+        assert probes.drain() == DRAINED
+        assert (ctl.consumer(), tty.consumer()) == (ctl.pos, tty.pos)
+        assert probes.decode_errors == 1
+        assert probes.drain() == []               # everything was released
+    finally:
+        for reader in probes.readers:
+            reader.close()
+        for f in files:
+            f.close()
+
+
+def test_drain_with_bccs_reader_gives_the_same_records():
+    class Bpf:                                    # bcc's reader: a C callback per record
+        pending = [CTL, TTY]
+
+        def ring_buffer_consume(self):
+            for collect, records in zip(collectors, self.pending):
+                for raw in records:
+                    c_copy = ctypes.create_string_buffer(raw, len(raw))
+                    collect(None, ctypes.addressof(c_copy), len(raw))
+            self.pending = [[], []]
+
+    probes = unloaded_probes(bpf=Bpf())
+    collectors = [probes._collector(raw) for raw in probes.raw]
+    assert probes.drain() == DRAINED
+    assert probes.raw == ([], []) and probes.drain() == []
