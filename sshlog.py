@@ -2641,7 +2641,8 @@ def last_cast_time(fd):
 
 class SessionRecording:
     """The two files of one session and what is needed to keep appending to
-    them: decoders, clocks, sizes, pending output before the cast header."""
+    them: decoders, clocks, sizes, pending output before the cast header,
+    and the output not converted yet (the backlog: see SessionLog)."""
 
     LOG, CAST = 0, 1
 
@@ -2654,6 +2655,9 @@ class SessionRecording:
         self.sizes = [os.fstat(log_fd).st_size, os.fstat(cast_fd).st_size]
         self.bufs = [bytearray(), bytearray()]
         self.dirty_since = None
+        self.backlog = []                     # terminal_update events, in order
+        self.backlog_bytes = 0
+        self.last_output = 0.0                # monotonic time the last one arrived
         self.out_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
         self.in_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
         self.text = TerminalText()
@@ -2800,6 +2804,20 @@ class SessionRecording:
     def pending_size(self):
         return self.pending_bytes if self.pending is not None else 0
 
+    def defer(self, ev):
+        self.backlog.append(ev)
+        self.backlog_bytes += len(ev.raw)
+        self.owner.backlog_bytes += len(ev.raw)
+        self.last_output = time.monotonic()
+
+    def catch_up(self):
+        """Convert and buffer the deferred output, in order."""
+        events, self.backlog = self.backlog, []
+        self.owner.backlog_bytes -= self.backlog_bytes
+        self.backlog_bytes = 0
+        for ev in events:
+            self.output(ev)
+
     def output(self, ev):
         self._gap(ev, "next_out", "terminal output")
         if not ev.raw or self.capped:
@@ -2875,6 +2893,7 @@ class SessionRecording:
     def finish(self, ts, why=None):
         """The connection ended (or is no longer there): footer, flush, close."""
         try:
+            self.catch_up()
             self.write_header(None)
             tail = self.out_dec.decode(b"", True)
             if tail and not self.capped:
@@ -2903,11 +2922,17 @@ class SessionRecording:
                  "log NAME.log and an asciicast v2 NAME.cast beside it (`sshlog replay`, "
                  "`asciinema play`)")
 class SessionLog(Action):
-    """Recordings are bulk work with no reader waiting (~0.2 s of CPU per
-    17 MB of output: JSON for the .cast, escape stripping for the .log): their
-    worker and flusher run at `nice` RECORDING_NICE, so when CPUs are short
-    the sessions' own processes go first; the capture thread and the other
-    actions keep the daemon's priority."""
+    """Recordings are bulk work with no reader waiting: ~0.15 s of CPU per
+    17 MB of output (JSON for the .cast, escape stripping for the .log),
+    which a flood on two busy CPUs feels (~10 %, at any nice level or
+    SCHED_IDLE: the CPUs are never idle long enough to hide it).  So a
+    session's output is kept as it came and converted once its terminal
+    has been quiet for QUIET seconds -- after the burst, not during it --
+    or when anything else happens in the session (a command, a resize, the
+    close: the files keep the order), or when the deferred output of all
+    sessions passes BACKLOG_MAX bytes.  The worker and flusher also run at
+    `nice` RECORDING_NICE; the capture thread and the other actions keep
+    the daemon's priority."""
 
     nice = RECORDING_NICE
     PARAMS = (
@@ -2928,6 +2953,8 @@ class SessionLog(Action):
     PENDING_MAX = 256 * 1024      # output kept while the cast header waits for TERM
     HEADER_WAIT = 2.0             # seconds the header waits for the session's first command
     FLUSH_EVERY = 0.5             # seconds buffered output may wait before it is written
+    QUIET = 0.25                  # seconds without output before a session's is converted
+    BACKLOG_MAX = 32 * 1024 * 1024   # bytes of output kept unconverted, all sessions
     CHECK_GONE_EVERY = 60.0       # seconds between checks for sessions whose close was missed
     LOCK_WAIT = 10.0              # seconds to wait for another writer (a reload) to let go
     CLOSED_KEPT = 4096            # closed session ids remembered (late events are ignored)
@@ -2966,6 +2993,7 @@ class SessionLog(Action):
         _raise_fd_limit()
         self.lock = threading.Lock()
         self.sessions = {}                    # ptm_pid -> SessionRecording
+        self.backlog_bytes = 0                # output deferred, all sessions
         self.closed = collections.OrderedDict()
         self.errors = 0
         self.stopping = threading.Event()
@@ -2997,16 +3025,18 @@ class SessionLog(Action):
                 return
             kind = event.type
             if kind == "terminal_update":
-                self._guard(rec, rec.output, event)
-            elif kind == "terminal_input":
-                self._guard(rec, rec.input, event)
-            elif kind == "terminal_resize":
-                self._guard(rec, rec.resize, event)
-            elif kind == "command_start":
-                self._guard(rec, rec.command, event)
-            elif kind == "session_attach":
-                self._guard(rec, rec.admin, event)
-            if (rec.dirty_since is not None or not rec.header_done) and \
+                rec.defer(event)
+                if self.backlog_bytes > self.BACKLOG_MAX:
+                    for r in list(self.sessions.values()):
+                        self._guard(r, r.catch_up)
+            else:
+                if rec.backlog:                # what came before goes first
+                    self._guard(rec, rec.catch_up)
+                method = {"terminal_input": rec.input, "terminal_resize": rec.resize,
+                          "command_start": rec.command, "session_attach": rec.admin}.get(kind)
+                if method is not None and not rec.broken:
+                    self._guard(rec, method, event)
+            if (rec.dirty_since is not None or not rec.header_done or rec.backlog) and \
                     not self.wake.is_set():
                 self.wake.set()
 
@@ -3103,7 +3133,7 @@ class SessionLog(Action):
         lower_thread_priority(self.nice, "recordings of action %s" % self.name)
         while not self.stopping.is_set():
             with self.lock:
-                busy = any(r.dirty_since is not None or not r.header_done
+                busy = any(r.dirty_since is not None or not r.header_done or r.backlog
                            for r in self.sessions.values() if not r.broken)
                 self.wake.clear()
             if not busy:
@@ -3114,17 +3144,20 @@ class SessionLog(Action):
                 self.tick(time.monotonic())
 
     def tick(self, now):
-        """Buffered output out after FLUSH_EVERY, headers that waited too
-        long for a command, and (now and then) sessions that are gone."""
+        """Output converted once quiet, buffered output out after
+        FLUSH_EVERY, headers that waited too long for a command, and (now
+        and then) sessions that are gone."""
         check_gone = now - self.checked_gone > self.CHECK_GONE_EVERY
         if check_gone:
             self.checked_gone = now
         for rec in list(self.sessions.values()):
             if rec.broken:
                 continue
+            if rec.backlog and now - rec.last_output >= self.QUIET:
+                self._guard(rec, rec.catch_up)
             if not rec.header_done and now - rec.opened > self.HEADER_WAIT:
                 self._guard(rec, rec.write_header, None)
-            if rec.dirty_since is not None and now - rec.dirty_since >= self.FLUSH_EVERY:
+            if not rec.broken and rec.dirty_since is not None and now - rec.dirty_since >= self.FLUSH_EVERY:
                 self._guard(rec, rec.flush)
             if check_gone and not os.path.exists("%s/%d" % (self.proc, rec.ptm_pid)):
                 self._drop(rec)
@@ -3136,6 +3169,7 @@ class SessionLog(Action):
         with self.lock:
             for rec in list(self.sessions.values()):
                 try:
+                    rec.catch_up()
                     rec.write_header(None)
                     rec.flush()
                 except OSError as e:

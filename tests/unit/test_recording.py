@@ -166,6 +166,53 @@ def test_utf8_split_across_reads_and_invalid_bytes(tmp_path):
     assert "h\u00e9 \u20ac \\xff\\xfe end\n" in log
 
 
+def test_output_is_converted_once_the_terminal_is_quiet(tmp_path):
+    out = Out()
+    act = action(tmp_path)
+    act.QUIET = 3600.0                    # the flusher thread leaves it to the ticks below
+    try:
+        act.handle(ev(sshlog.ConnectionEstablished, 0))
+        for i in range(3):
+            act.handle(out(0.1 * (i + 1), b"line %d\r\n" % i))
+        rec = act.sessions[4242]
+        assert rec.backlog_bytes == act.backlog_bytes == 24
+        assert b"line" not in bytes(rec.bufs[rec.LOG]) + bytes(rec.bufs[rec.CAST])
+        with act.lock:
+            act.tick(time.monotonic())    # output came just now: still a burst
+        assert len(rec.backlog) == 3
+        with act.lock:
+            act.tick(time.monotonic() + 7200)
+        assert rec.backlog == [] and act.backlog_bytes == 0
+        assert "line 0\nline 1\nline 2\n" in (tmp_path / "rec" / "ssh_4242.log").read_text()
+    finally:
+        act.close()
+
+
+def test_deferred_output_keeps_its_place_and_its_bound(tmp_path):
+    out, other = Out(), Out(ptm_pid=5151, session_id="cccc3333dddd4444")
+    act = action(tmp_path)
+    act.QUIET, act.BACKLOG_MAX = 3600.0, 20
+    act.handle(ev(sshlog.ConnectionEstablished, 0))
+    act.handle(ev(sshlog.ConnectionEstablished, 0, ptm_pid=5151,
+                  session_id="cccc3333dddd4444"))
+    act.handle(out(0.1, b"before\r\n"))
+    act.handle(ev(sshlog.CommandStart, 0.2, pid=9, filename="/usr/bin/id", argv=("id",)))
+    assert act.sessions[4242].backlog == []          # converted ahead of the command
+    act.handle(out(0.3, b"after\r\n"))
+    act.handle(other(0.4, b"0123456789"))
+    assert act.backlog_bytes == 17
+    act.handle(other(0.5, b"0123456789"))            # 27 > 20: every session converted
+    assert act.backlog_bytes == 0
+    assert [r.backlog for r in act.sessions.values()] == [[], []]
+    act.handle(ev(sshlog.ConnectionClose, 1))
+    act.close()
+    _, events = read_cast(tmp_path / "rec" / "ssh_4242.cast")
+    assert [(e[1], e[2]) for e in events if e[1] != "m" or "id" in e[2]] == [
+        ("o", "before\r\n"), ("m", "/usr/bin/id"), ("o", "after\r\n")]
+    _, events = read_cast(tmp_path / "rec" / "ssh_5151.cast")
+    assert output_of(events) == "0123456789" * 2
+
+
 def test_times_never_go_back(tmp_path):
     out = Out()
     run(action(tmp_path), ev(sshlog.ConnectionEstablished, 0),
