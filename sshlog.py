@@ -2358,9 +2358,12 @@ class ActionRunner:
         self.finish_stop(time.monotonic() + timeout)
 
     def stats(self):
-        return {"plugin": self.action.plugin, "queued": len(self.pending),
-                "delivered": self.delivered, "dropped": self.dropped, "failed": self.failed,
-                "retried": getattr(self.action, "retried", 0)}
+        stats = {"plugin": self.action.plugin, "queued": len(self.pending),
+                 "delivered": self.delivered, "dropped": self.dropped, "failed": self.failed,
+                 "retried": getattr(self.action, "retried", 0)}
+        if hasattr(self.action, "backlog_bytes"):    # recordings convert after a burst
+            stats["unconverted_bytes"] = self.action.backlog_bytes
+        return stats
 
 
 _C1_CONTROLS = re.compile("[\x7f-\x9f\u2028\u2029]")
@@ -2639,6 +2642,10 @@ def last_cast_time(fd):
     return 0.0
 
 
+DeferredOutput = collections.namedtuple("DeferredOutput",
+                                        "timestamp raw offset data_len lost_bytes")
+
+
 class SessionRecording:
     """The two files of one session and what is needed to keep appending to
     them: decoders, clocks, sizes, pending output before the cast header,
@@ -2655,7 +2662,7 @@ class SessionRecording:
         self.sizes = [os.fstat(log_fd).st_size, os.fstat(cast_fd).st_size]
         self.bufs = [bytearray(), bytearray()]
         self.dirty_since = None
-        self.backlog = []                     # terminal_update events, in order
+        self.backlog = []                     # DeferredOutput, in order
         self.backlog_bytes = 0
         self.last_output = 0.0                # monotonic time the last one arrived
         self.out_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
@@ -2805,7 +2812,10 @@ class SessionRecording:
         return self.pending_bytes if self.pending is not None else 0
 
     def defer(self, ev):
-        self.backlog.append(ev)
+        """Keep what output() needs of a terminal_update: not the event,
+        whose decoded text would double the memory held."""
+        self.backlog.append(DeferredOutput(ev.timestamp, ev.raw, ev.offset, ev.data_len,
+                                           ev.lost_bytes))
         self.backlog_bytes += len(ev.raw)
         self.owner.backlog_bytes += len(ev.raw)
         self.last_output = time.monotonic()
@@ -6068,9 +6078,10 @@ def cmd_status(args):
           ", undecodable %d, watch %d, filter errors %d" % (
               data["decode_errors"], data["watch_dropped"], data["filter_errors"]))
     for name, a in sorted(data["actions"].items()):
-        print("action %s (%s): delivered %d, queued %d, dropped %d, failed %d, retried %d" % (
+        print("action %s (%s): delivered %d, queued %d, dropped %d, failed %d, retried %d%s" % (
             name, a["plugin"], a["delivered"], a["queued"], a["dropped"], a["failed"],
-            a.get("retried", 0)))
+            a.get("retried", 0), ", output not yet converted %d bytes" % a["unconverted_bytes"]
+            if "unconverted_bytes" in a else ""))
     print("config: " + ", ".join(data["config_files"]))
     return 0
 

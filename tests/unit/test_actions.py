@@ -552,10 +552,16 @@ def test_runner_status_line_counts_retries(capsys, monkeypatch):
         "events": {}, "bpf_drops": {"ctl": 0, "tty": 0}, "decode_errors": 0,
         "watch_dropped": 0, "filter_errors": 0, "config_files": ["a.yaml"],
         "actions": {"slack": {"plugin": "slack_action", "delivered": 5, "queued": 0,
-                              "dropped": 1, "failed": 2, "retried": 7}}})
+                              "dropped": 1, "failed": 2, "retried": 7},
+                    "rec": {"plugin": "sessionlog_action", "delivered": 9, "queued": 0,
+                            "dropped": 0, "failed": 0, "retried": 0,
+                            "unconverted_bytes": 4096}}})
     assert sshlog.main(["status", "--socket", "/nonexistent"]) == 0
+    out = capsys.readouterr().out
     assert "action slack (slack_action): delivered 5, queued 0, dropped 1, failed 2, " \
-           "retried 7" in capsys.readouterr().out
+           "retried 7\n" in out
+    assert "action rec (sessionlog_action): delivered 9, queued 0, dropped 0, failed 0, " \
+           "retried 0, output not yet converted 4096 bytes\n" in out
 
 
 # -------------------------------------------------------------------------- helpers

@@ -170,22 +170,24 @@ def test_output_is_converted_once_the_terminal_is_quiet(tmp_path):
     out = Out()
     act = action(tmp_path)
     act.QUIET = 3600.0                    # the flusher thread leaves it to the ticks below
+    runner = sshlog.ActionRunner(act)     # for `status`; events are handed over directly
     try:
         act.handle(ev(sshlog.ConnectionEstablished, 0))
         for i in range(3):
             act.handle(out(0.1 * (i + 1), b"line %d\r\n" % i))
         rec = act.sessions[4242]
         assert rec.backlog_bytes == act.backlog_bytes == 24
+        assert runner.stats()["unconverted_bytes"] == 24
         assert b"line" not in bytes(rec.bufs[rec.LOG]) + bytes(rec.bufs[rec.CAST])
         with act.lock:
             act.tick(time.monotonic())    # output came just now: still a burst
         assert len(rec.backlog) == 3
         with act.lock:
             act.tick(time.monotonic() + 7200)
-        assert rec.backlog == [] and act.backlog_bytes == 0
+        assert rec.backlog == [] and runner.stats()["unconverted_bytes"] == 0
         assert "line 0\nline 1\nline 2\n" in (tmp_path / "rec" / "ssh_4242.log").read_text()
     finally:
-        act.close()
+        runner.stop()
 
 
 def test_deferred_output_keeps_its_place_and_its_bound(tmp_path):
