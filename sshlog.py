@@ -1079,17 +1079,17 @@ class Probes:
                 spans.append((at, len(raw)))
                 at += len(raw)
             tty.clear()
-        records, errors, breaks = [], [], {}
+        records, errors = [], []
         for raw in ctl:
             try:
-                rec = decode_record(raw)
+                records.append(decode_record(raw))
             except ValueError as e:
                 errors.append(e)
-                continue
-            records.append(rec)
-            breaks.setdefault(rec.sess, []).append(rec.ts)
         ctl.clear()
         if spans:
+            breaks = {}                   # sess -> times of its control records
+            for rec in records:
+                breaks.setdefault(rec.sess, []).append(rec.ts)
             merged, bad = merge_terminal(buf, spans, breaks)
             errors += bad
             if records:
