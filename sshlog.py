@@ -1062,10 +1062,11 @@ class Probes:
 
     def drain(self):
         """The records submitted so far, decoded, in time order, each
-        session's consecutive terminal reads merged (merge_terminal).  Each
-        ring is in order already; the terminal ring is read after the
-        control ring, so a session's last output would otherwise follow its
-        close: a stable sort on the time merges the two."""
+        session's consecutive terminal reads merged (merge_terminal).  A
+        ring holds records in the order they were committed, which on
+        several CPUs is not quite the order of their times, and the terminal
+        ring is read after the control ring (a session's last output would
+        follow its close): a stable sort on the time puts all in order."""
         ctl, tty = self.raw
         if self.readers:
             ctl_reader, tty_reader = self.readers
@@ -1092,11 +1093,9 @@ class Probes:
                 breaks.setdefault(rec.sess, []).append(rec.ts)
             merged, bad = merge_terminal(buf, spans, breaks)
             errors += bad
-            if records:
-                records += merged
-                records.sort(key=_TS_OF)
-            else:
-                records = merged
+            records += merged
+        if len(records) > 1:
+            records.sort(key=_TS_OF)
         if self.readers:
             tty_reader.release(end)
         for e in errors:

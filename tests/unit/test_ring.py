@@ -130,7 +130,7 @@ def tty_record(sess, data, ts):
     return struct.pack("<IIIIQiI", sshlog.REC_TTY_OUT, 7, sess, len(data), ts, 9, 0) + data
 
 
-CTL = [exit_record(1, 25), exit_record(2, 40)]
+CTL = [exit_record(2, 40), exit_record(1, 25)]     # committed out of time order
 TTY = [tty_record(1, b"a", 10), tty_record(2, b"x", 15), tty_record(1, b"b", 20),
        tty_record(1, b"c", 30), tty_record(2, b"y", 35), tty_record(2, b"z", 50)]
 # session 1's exit at 25 falls between its "b" and "c"; session 2's at 40 after its "y"
@@ -186,3 +186,18 @@ def test_drain_with_bccs_reader_gives_the_same_records():
     collectors = [probes._collector(raw) for raw in probes.raw]
     assert probes.drain() == DRAINED
     assert probes.raw == ([], []) and probes.drain() == []
+
+
+def test_drain_orders_control_records_committed_out_of_time_order(tmp_path):
+    ctl, tty = FakeRing(tmp_path / "ctl"), FakeRing(tmp_path / "tty")
+    for raw in CTL:                               # two CPUs: committed in the other order
+        ctl.add(raw)
+    files = [open(ring.path, "r+b") for ring in (ctl, tty)]
+    probes = unloaded_probes(readers=tuple(sshlog.RingReader(f.fileno(), SIZE) for f in files))
+    try:
+        assert [r.ts for r in probes.drain()] == [25, 40]
+    finally:
+        for reader in probes.readers:
+            reader.close()
+        for f in files:
+            f.close()
