@@ -2662,7 +2662,6 @@ class SessionRecording:
         self.bufs = [bytearray(), bytearray()]
         self.dirty_since = None
         self.backlog = []                     # DeferredOutput, in order
-        self.backlog_bytes = 0
         self.last_output = 0.0                # monotonic time the last one arrived
         self.out_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
         self.in_dec = codecs.getincrementaldecoder("utf-8")("backslashreplace")
@@ -2815,15 +2814,13 @@ class SessionRecording:
         whose decoded text would double the memory held."""
         self.backlog.append(DeferredOutput(ev.timestamp, ev.raw, ev.offset, ev.data_len,
                                            ev.lost_bytes))
-        self.backlog_bytes += len(ev.raw)
         self.owner.backlog_bytes += len(ev.raw)
         self.last_output = time.monotonic()
 
     def catch_up(self):
         """Convert and buffer the deferred output, in order."""
         events, self.backlog = self.backlog, []
-        self.owner.backlog_bytes -= self.backlog_bytes
-        self.backlog_bytes = 0
+        self.owner.backlog_bytes -= sum(len(ev.raw) for ev in events)
         for ev in events:
             self.output(ev)
 
@@ -2967,6 +2964,10 @@ class SessionLog(Action):
     CHECK_GONE_EVERY = 60.0       # seconds between checks for sessions whose close was missed
     LOCK_WAIT = 10.0              # seconds to wait for another writer (a reload) to let go
     CLOSED_KEPT = 4096            # closed session ids remembered (late events are ignored)
+    WRITERS = {"terminal_input": SessionRecording.input,     # event type -> what records it
+               "terminal_resize": SessionRecording.resize,
+               "command_start": SessionRecording.command,
+               "session_attach": SessionRecording.admin}
     proc = PROC
 
     @classmethod
@@ -3041,10 +3042,9 @@ class SessionLog(Action):
             else:
                 if rec.backlog:                # what came before goes first
                     self._guard(rec, rec.catch_up)
-                method = {"terminal_input": rec.input, "terminal_resize": rec.resize,
-                          "command_start": rec.command, "session_attach": rec.admin}.get(kind)
-                if method is not None and not rec.broken:
-                    self._guard(rec, method, event)
+                write = self.WRITERS.get(kind)
+                if write is not None and not rec.broken:
+                    self._guard(rec, write, rec, event)
             if (rec.dirty_since is not None or not rec.header_done or rec.backlog) and \
                     not self.wake.is_set():
                 self.wake.set()
@@ -3164,9 +3164,11 @@ class SessionLog(Action):
                 continue
             if rec.backlog and now - rec.last_output >= self.QUIET:
                 self._guard(rec, rec.catch_up)
+                if rec.broken:
+                    continue
             if not rec.header_done and now - rec.opened > self.HEADER_WAIT:
                 self._guard(rec, rec.write_header, None)
-            if not rec.broken and rec.dirty_since is not None and now - rec.dirty_since >= self.FLUSH_EVERY:
+            if rec.dirty_since is not None and now - rec.dirty_since >= self.FLUSH_EVERY:
                 self._guard(rec, rec.flush)
             if check_gone and not os.path.exists("%s/%d" % (self.proc, rec.ptm_pid)):
                 self._drop(rec)
@@ -6077,10 +6079,12 @@ def cmd_status(args):
           ", undecodable %d, watch %d, filter errors %d" % (
               data["decode_errors"], data["watch_dropped"], data["filter_errors"]))
     for name, a in sorted(data["actions"].items()):
+        waiting = ""
+        if "unconverted_bytes" in a:                 # recordings: converted after a burst
+            waiting = ", output not yet converted %d bytes" % a["unconverted_bytes"]
         print("action %s (%s): delivered %d, queued %d, dropped %d, failed %d, retried %d%s" % (
             name, a["plugin"], a["delivered"], a["queued"], a["dropped"], a["failed"],
-            a.get("retried", 0), ", output not yet converted %d bytes" % a["unconverted_bytes"]
-            if "unconverted_bytes" in a else ""))
+            a.get("retried", 0), waiting))
     print("config: " + ", ".join(data["config_files"]))
     return 0
 
