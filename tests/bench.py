@@ -6,12 +6,13 @@ fresh sessions per sample), the daemon running the embedded default configuratio
 event log + session recordings) with its paths moved into a scratch directory.  Medians and
 on/off ratios of:
 
-  exec storm      N x /bin/true in a pty session (timed inside it)      budget: ratio <= 1.05
+  exec storm      N x /bin/true in a pty session (timed inside it),      budget: ratio <= 1.05
+                  K times per session
   terminal flood  seq 1 L through the pty, twice per session: the      budget: ratio <= 1.05
                   second is budgeted, the first (the daemon's first burst,      (the second),
                   paying for its fresh heap) reported; bytes the daemon         0 bytes lost
                   recorded vs bytes the client received
-  scp upload      one file of S MB (throughput)                        budget: ratio <= 1.05
+  scp upload      one file of S MB (throughput), K uploads             budget: ratio <= 1.05
   parallel        P sessions at once, each a loop of C commands;       budget: ratio <= 1.05,
                   command_finish lines in the event log vs run                  0 events lost
   syscall cost    a process outside any ssh session: getppid(), 1-byte  (reported: ns per call)
@@ -19,6 +20,9 @@ on/off ratios of:
   daemon          start time (until the socket answers), RSS after start and at the end of a
                   round, idle CPU over I seconds with no session       budget: < 0.5 % of a core
   report          `sshlog report` over a generated event log of E events (no root needed)
+
+The storm and the upload are short (~2 s) and this VM's timings swing ~10 % from one to the
+next: they are sampled K times per round (--repeat), their medians taken over all samples.
 
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
 at every sample and reported.  Run as root: `sudo make bench` (~10 minutes), or
@@ -328,6 +332,8 @@ def parse_args():
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--execs", type=int)
     ap.add_argument("--lines", type=int)
+    ap.add_argument("--repeat", type=int, help="exec storms and scp uploads per round and "
+                    "condition")
     ap.add_argument("--scp-mb", type=int)
     ap.add_argument("--parallel", type=int, default=20)
     ap.add_argument("--commands", type=int, help="commands per parallel session")
@@ -341,9 +347,9 @@ def parse_args():
                     help="what the daemon runs: the embedded default (event log and session "
                     "recordings) or the event log alone")
     args = ap.parse_args()
-    quick = dict(rounds=2, execs=500, lines=200000, scp_mb=50, commands=50, syscalls=500000,
+    quick = dict(rounds=2, repeat=2, execs=500, lines=200000, scp_mb=50, commands=50, syscalls=500000,
                  idle_seconds=15, report_events=200000)
-    full = dict(rounds=5, execs=2000, lines=2000000, scp_mb=200, commands=200,
+    full = dict(rounds=5, repeat=3, execs=2000, lines=2000000, scp_mb=200, commands=200,
                 syscalls=2000000, idle_seconds=60, report_events=1000000)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -408,7 +414,7 @@ def main():
                     line = ["round %d %-3s" % (r + 1, cond)]
                     if "exec" in parts or "flood" in parts:
                         with harness.PtySession(sshd, user) as s:
-                            if "exec" in parts:
+                            for _ in range(args.repeat if "exec" in parts else 0):
                                 settle(daemon)
                                 t, _ = timed(s, "for i in $(seq %d); do /bin/true; done"
                                              % args.execs)
@@ -428,7 +434,7 @@ def main():
                                         lost_bytes.append(max(shown - got, 0))
                                         line.append("(%d/%d bytes recorded)" % (min(got, shown),
                                                                                 shown))
-                    if "scp" in parts:
+                    for _ in range(args.repeat if "scp" in parts else 0):
                         remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
                         settle(daemon)
                         t0 = time.monotonic()
@@ -516,10 +522,11 @@ def main():
         out.append("NOTE: %d-%d foreign BPF program(s) were loaded during the run: timings "
                    "include their cost" % (fmin, fmax))
     figures["foreign_bpf_programs"] = [fmin, fmax]
-    rows = [("exec", "exec storm (%d x /bin/true)" % args.execs, "s", False),
+    rows = [("exec", "exec storm (%d x /bin/true), %d/round" % (args.execs, args.repeat), "s",
+             False),
             ("flood_first", "terminal flood, the daemon's first", "s", False),
             ("flood", "terminal flood (seq 1 %d)" % args.lines, "s", False),
-            ("scp", "scp upload (%d MB)" % args.scp_mb, "MB/s", True),
+            ("scp", "scp upload (%d MB), %d/round" % (args.scp_mb, args.repeat), "MB/s", True),
             ("parallel", "parallel (%d x %d commands)" % (args.parallel, args.commands), "s",
              False)]
     for key, label, unit, higher_better in rows:

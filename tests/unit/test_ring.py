@@ -76,10 +76,10 @@ def test_records_are_read_whole_and_in_order(tmp_path):
     reader.read(out)
     assert out == [data_record(b"hello"), exit_rec]          # no padding, no header
     assert sshlog.decode_record(out[0]).data == b"hello"
-    assert ring.consumer() == ring.pos
+    assert ring.consumer() == ring.pos == reader.released     # headers and padding too
     out.clear()
     reader.read(out)                                         # nothing new: nothing read
-    assert out == [] and ring.consumer() == ring.pos
+    assert out == [] and ring.consumer() == ring.pos and reader.released == 0
     reader.close()
     f.close()
 
@@ -146,6 +146,7 @@ def unloaded_probes(readers=None, bpf=None):
     probes = object.__new__(sshlog.Probes)       # the BPF side is not loaded here
     probes.raw, probes.readers, probes.bpf = ([], []), readers, bpf
     probes.decode_errors = probes.callback_errors = 0
+    probes.fill = 0.0
     return probes
 
 
@@ -163,7 +164,9 @@ def test_drain_reads_both_mapped_rings_in_time_order(tmp_path):
         assert probes.drain() == DRAINED
         assert (ctl.consumer(), tty.consumer()) == (ctl.pos, tty.pos)
         assert probes.decode_errors == 1
+        assert probes.fill == (tty.pos - (SIZE - 40)) / SIZE > ctl.pos / SIZE
         assert probes.drain() == []               # everything was released
+        assert probes.fill == 0
     finally:
         for reader in probes.readers:
             reader.close()
@@ -185,7 +188,10 @@ def test_drain_with_bccs_reader_gives_the_same_records():
     probes = unloaded_probes(bpf=Bpf())
     collectors = [probes._collector(raw) for raw in probes.raw]
     assert probes.drain() == DRAINED
+    tty_bytes = sum(len(raw) + 8 for raw in TTY)  # the records and their headers
+    assert probes.fill == tty_bytes / (sshlog.TTY_PAGES * PAGE)
     assert probes.raw == ([], []) and probes.drain() == []
+    assert probes.fill == 0
 
 
 def test_drain_orders_control_records_committed_out_of_time_order(tmp_path):
@@ -201,3 +207,18 @@ def test_drain_orders_control_records_committed_out_of_time_order(tmp_path):
             reader.close()
         for f in files:
             f.close()
+
+
+def test_the_daemon_drains_sooner_under_ring_pressure_or_for_live_viewers():
+    daemon = object.__new__(sshlog.Daemon)           # the loop's timing alone
+    daemon.probes = unloaded_probes()
+    daemon.watchers, daemon.attach_hub = [], sshlog.AttachHub()
+    assert daemon.next_drain() == daemon.TICK > daemon.FAST_TICK
+    daemon.probes.fill = daemon.RING_PRESSURE * 1.01
+    assert daemon.next_drain() == daemon.FAST_TICK
+    daemon.probes.fill = 0.0
+    daemon.watchers = [object()]
+    assert daemon.next_drain() == daemon.FAST_TICK
+    daemon.watchers = []
+    daemon.attach_hub.clients[1234] = [object()]
+    assert daemon.next_drain() == daemon.FAST_TICK
