@@ -6,13 +6,12 @@ fresh sessions per sample), the daemon running the embedded default configuratio
 event log + session recordings) with its paths moved into a scratch directory.  Medians and
 on/off ratios of:
 
-  exec storm      N x /bin/true in a pty session (timed inside it),      budget: ratio <= 1.05
-                  K times per session
-  terminal flood  seq 1 L through the pty, twice per session: the      budget: ratio <= 1.05
-                  second is budgeted, the first (the daemon's first burst,      (the second),
-                  paying for its fresh heap) reported; bytes the daemon         0 bytes lost
-                  recorded vs bytes the client received
-  scp upload      one file of S MB (throughput), K uploads             budget: ratio <= 1.05
+  exec storm      N x /bin/true in a pty session (timed inside it)      budget: ratio <= 1.05
+  terminal flood  seq 1 L through the pty; the daemon's first burst     budget: ratio <= 1.05
+                  (paying for its fresh heap) reported, the next ones   (the later floods),
+                  budgeted; bytes the daemon recorded vs bytes the              0 bytes lost
+                  client received
+  scp upload      one file of S MB (throughput)                        budget: ratio <= 1.05
   parallel        P sessions at once, each a loop of C commands;       budget: ratio <= 1.05,
                   command_finish lines in the event log vs run                  0 events lost
   syscall cost    a process outside any ssh session: getppid(), 1-byte  (reported: ns per call)
@@ -21,11 +20,12 @@ on/off ratios of:
                   round, idle CPU over I seconds with no session       budget: < 0.5 % of a core
   report          `sshlog report` over a generated event log of E events (no root needed)
 
-The storm and the upload are short (~2 s) and this VM's timings swing ~10 % from one to the
-next: they are sampled K times per round (--repeat), their medians taken over all samples.
+Each timed part is short (2-4 s) and this VM's timings swing ~10 % from one sample to the
+next: each is sampled K times per round and condition (--repeat; the flood K times after its
+first), and the medians are taken over all samples.
 
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
-at every sample and reported.  Run as root: `sudo make bench` (~10 minutes), or
+at every sample and reported.  Run as root: `sudo make bench` (~20 minutes), or
 `tests/bench.py --quick` (~3 minutes), `--only exec,flood` for a part, `--on eventlog` for
 the daemon with the text event log alone.  Other load on the machine is reported too (load
 average before and after): measure on a quiet machine.
@@ -332,8 +332,8 @@ def parse_args():
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--execs", type=int)
     ap.add_argument("--lines", type=int)
-    ap.add_argument("--repeat", type=int, help="exec storms and scp uploads per round and "
-                    "condition")
+    ap.add_argument("--repeat", type=int, help="samples of each timed part per round and "
+                    "condition (the flood: after the first)")
     ap.add_argument("--scp-mb", type=int)
     ap.add_argument("--parallel", type=int, default=20)
     ap.add_argument("--commands", type=int, help="commands per parallel session")
@@ -349,7 +349,7 @@ def parse_args():
     args = ap.parse_args()
     quick = dict(rounds=2, repeat=2, execs=500, lines=200000, scp_mb=50, commands=50, syscalls=500000,
                  idle_seconds=15, report_events=200000)
-    full = dict(rounds=5, repeat=3, execs=2000, lines=2000000, scp_mb=200, commands=200,
+    full = dict(rounds=5, repeat=4, execs=2000, lines=2000000, scp_mb=200, commands=200,
                 syscalls=2000000, idle_seconds=60, report_events=1000000)
     for k, v in (quick if args.quick else full).items():
         if getattr(args, k) is None:
@@ -421,9 +421,10 @@ def main():
                                 res[cond]["exec"].append(t)
                                 line.append("exec %.3fs" % t)
                             if "flood" in parts:
-                                # twice: the first burst after the daemon starts also pays for
-                                # its fresh heap (~9,000 page faults); the budget is the second
-                                for key in ("flood_first", "flood"):
+                                # the first burst after the daemon starts also pays for its
+                                # fresh heap (~9,000 page faults): reported; the next ones are
+                                # budgeted
+                                for key in ("flood_first",) + ("flood",) * args.repeat:
                                     before = captured_bytes(daemon, user) if daemon else 0
                                     settle(daemon)
                                     t, shown = timed(s, "seq 1 %d" % args.lines)
@@ -445,7 +446,7 @@ def main():
                         os.unlink(remote)
                         res[cond]["scp"].append(args.scp_mb / t)
                         line.append("scp %.0f MB/s" % (args.scp_mb / t))
-                    if "parallel" in parts:
+                    for _ in range(args.repeat if "parallel" in parts else 0):
                         tag = "b%s" % uuid.uuid4().hex[:8]
                         settle(daemon)
                         t = run_parallel(sshd, user, args.parallel, args.commands, tag)
@@ -525,10 +526,11 @@ def main():
     rows = [("exec", "exec storm (%d x /bin/true), %d/round" % (args.execs, args.repeat), "s",
              False),
             ("flood_first", "terminal flood, the daemon's first", "s", False),
-            ("flood", "terminal flood (seq 1 %d)" % args.lines, "s", False),
+            ("flood", "terminal flood (seq 1 %d), %d/round" % (args.lines, args.repeat), "s",
+             False),
             ("scp", "scp upload (%d MB), %d/round" % (args.scp_mb, args.repeat), "MB/s", True),
-            ("parallel", "parallel (%d x %d commands)" % (args.parallel, args.commands), "s",
-             False)]
+            ("parallel", "parallel (%d x %d commands), %d/round" % (args.parallel, args.commands,
+                                                               args.repeat), "s", False)]
     for key, label, unit, higher_better in rows:
         off, on = median(res["off"][key]), median(res["on"][key])
         if not res["on"][key]:
