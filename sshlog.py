@@ -5019,7 +5019,7 @@ class Daemon:
 
     # Seconds between ring-buffer drains.  Every wake-up of the daemon's
     # threads takes a CPU that a busy session may want (an exec storm waits
-    # ~25 us more per command at 0.02 s than at 0.1 s, measured as wall time
+    # ~15 us more per command at 0.02 s than at 0.1 s, measured as wall time
     # minus CPU time), and a bigger batch costs less per record; but output
     # must reach live viewers promptly, and a ring must not fill between two
     # drains: FAST_TICK while someone watches or attaches, or when the last
