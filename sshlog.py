@@ -5023,7 +5023,7 @@ class Daemon:
     # minus CPU time), and a bigger batch costs less per record; but output
     # must reach live viewers promptly, and a ring must not fill between two
     # drains: FAST_TICK while someone watches or attaches, or when the last
-    # drain freed more than RING_PRESSURE of a ring (one flood, ~2 MB in
+    # drain freed more than RING_PRESSURE of a ring (one flood, ~1.2 MB in
     # 0.1 s, is above it; an exec storm's ~40 KB is far below).
     TICK = 0.1
     FAST_TICK = 0.02
