@@ -347,8 +347,8 @@ def parse_args():
                     help="what the daemon runs: the embedded default (event log and session "
                     "recordings) or the event log alone")
     args = ap.parse_args()
-    quick = dict(rounds=2, repeat=2, execs=500, lines=200000, scp_mb=50, commands=50, syscalls=500000,
-                 idle_seconds=15, report_events=200000)
+    quick = dict(rounds=2, repeat=2, execs=500, lines=200000, scp_mb=50, commands=50,
+                 syscalls=500000, idle_seconds=15, report_events=200000)
     full = dict(rounds=5, repeat=4, execs=2000, lines=2000000, scp_mb=200, commands=200,
                 syscalls=2000000, idle_seconds=60, report_events=1000000)
     for k, v in (quick if args.quick else full).items():
@@ -416,8 +416,8 @@ def main():
                         with harness.PtySession(sshd, user) as s:
                             for _ in range(args.repeat if "exec" in parts else 0):
                                 settle(daemon)
-                                t, _ = timed(s, "for i in $(seq %d); do /bin/true; done"
-                                             % args.execs)
+                                t = timed(s, "for i in $(seq %d); do /bin/true; done"
+                                          % args.execs)[0]
                                 res[cond]["exec"].append(t)
                                 line.append("exec %.3fs" % t)
                             if "flood" in parts:
