@@ -7,6 +7,7 @@ event log + session recordings) with its paths moved into a scratch directory.  
 on/off ratios of:
 
   exec storm      N x /bin/true in a pty session (timed inside it)      budget: ratio <= 1.05
+                  and wall minus CPU time (waiting for a CPU)           wait: reported
   terminal flood  seq 1 L through the pty; the daemon's first burst     budget: ratio <= 1.05
                   (paying for its fresh heap) reported, the next ones   (the later floods),
                   budgeted; bytes the daemon recorded vs bytes the              0 bytes lost
@@ -167,6 +168,18 @@ def timed(session, command, timeout=600):
     with session._cond:
         shown = len(session._buf) - start
     return float(m.group(2)) - float(m.group(1)), shown
+
+
+def timed_cpu(session, command, timeout=600):
+    """Run `command` in the session under bash's `time`: (wall seconds, CPU seconds of the
+    command and its children).  Wall minus CPU is the time its processes waited for a CPU:
+    steadier from sample to sample than the wall time, which swings with the host."""
+    n = uuid.uuid4().hex[:8]
+    session.sendline("TIMEFORMAT='TIME%s %%R %%U %%S'; time (%s)" % (n, command))
+    m = wait_tail(session, re.compile(rb"TIME%s (\d+\.\d+) (\d+\.\d+) (\d+\.\d+)"
+                                      % n.encode()), timeout)
+    wait_tail(session, harness.PtySession.PROMPT, 30)
+    return float(m.group(1)), float(m.group(2)) + float(m.group(3))
 
 
 def settle(daemon=None, timeout=20.0):
@@ -371,8 +384,8 @@ def main():
     os.chmod(work, 0o755)
     figures = {"kernel": os.uname().release, "cpus": os.cpu_count(), "load_before": load(),
                "args": {k: v for k, v in vars(args).items() if k != "parts"}}
-    res = {c: {k: [] for k in ("exec", "flood_first", "flood", "scp", "parallel", "getppid",
-                               "write")}
+    res = {c: {k: [] for k in ("exec", "exec_wait", "flood_first", "flood", "scp", "parallel",
+                               "getppid", "write")}
            for c in ("off", "on")}
     lost_bytes, lost_events, starts, rss_start, rss_end, drops = [], [], [], [], [], []
     anon_start = []
@@ -416,9 +429,10 @@ def main():
                         with harness.PtySession(sshd, user) as s:
                             for _ in range(args.repeat if "exec" in parts else 0):
                                 settle(daemon)
-                                t = timed(s, "for i in $(seq %d); do /bin/true; done"
-                                          % args.execs)[0]
+                                t, cpu = timed_cpu(s, "for i in $(seq %d); do /bin/true; "
+                                                   "done" % args.execs)
                                 res[cond]["exec"].append(t)
+                                res[cond]["exec_wait"].append(t - cpu)
                                 line.append("exec %.3fs" % t)
                             if "flood" in parts:
                                 # the first burst after the daemon starts also pays for its
@@ -556,6 +570,11 @@ def main():
     if drops:
         figures["bpf_drops"] = drops[-1]
         out.append("%-40s %s (last round)" % ("BPF ring drops", drops[-1]))
+    if res["on"]["exec_wait"]:
+        off, on = median(res["off"]["exec_wait"]), median(res["on"]["exec_wait"])
+        figures["exec_wait"] = {"off": off, "on": on}
+        out.append("%-40s off %6.3f s  on %6.3f s  %+.0f us per command" % (
+            "exec storm: waiting for a CPU", off, on, (on - off) / args.execs * 1e6))
     if res["on"]["getppid"]:
         for key in ("getppid", "write"):
             off, on = median(res["off"][key]), median(res["on"][key])
