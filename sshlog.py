@@ -1078,13 +1078,14 @@ class Probes:
             buf = tty_reader.data
         else:
             self.bpf.ring_buffer_consume()
-            self.fill = max(sum(len(r) + 8 for r in ctl) / (CTL_PAGES * mmap.PAGESIZE),
-                            sum(len(r) + 8 for r in tty) / (TTY_PAGES * mmap.PAGESIZE))
             buf, spans, at = b"".join(tty), [], 0
             for raw in tty:
                 spans.append((at, len(raw)))
                 at += len(raw)
             tty.clear()
+            # each record had an 8-byte header in its ring
+            self.fill = max((sum(map(len, ctl)) + 8 * len(ctl)) / (CTL_PAGES * mmap.PAGESIZE),
+                            (at + 8 * len(spans)) / (TTY_PAGES * mmap.PAGESIZE))
         records, errors = [], []
         for raw in ctl:
             try:
@@ -3169,13 +3170,13 @@ class SessionLog(Action):
         for rec in list(self.sessions.values()):
             if rec.broken:
                 continue
+            # each step only while the recording still works: a failed one stops it
             if rec.backlog and now - rec.last_output >= self.QUIET:
                 self._guard(rec, rec.catch_up)
-                if rec.broken:
-                    continue
-            if not rec.header_done and now - rec.opened > self.HEADER_WAIT:
+            if not rec.broken and not rec.header_done and now - rec.opened > self.HEADER_WAIT:
                 self._guard(rec, rec.write_header, None)
-            if rec.dirty_since is not None and now - rec.dirty_since >= self.FLUSH_EVERY:
+            if not rec.broken and rec.dirty_since is not None and \
+                    now - rec.dirty_since >= self.FLUSH_EVERY:
                 self._guard(rec, rec.flush)
             if check_gone and not os.path.exists("%s/%d" % (self.proc, rec.ptm_pid)):
                 self._drop(rec)

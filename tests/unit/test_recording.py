@@ -916,3 +916,20 @@ def test_secret_prompt_is_echo_off_in_canonical_mode():
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_a_recording_whose_header_fails_in_a_tick_is_not_flushed_after(tmp_path):
+    act = action(tmp_path)
+    act.handle(ev(sshlog.ConnectionEstablished, 0))
+    rec = act.sessions[4242]
+    flushed = []
+
+    def full_disk(_command):
+        raise OSError(28, "No space left on device")
+    with act.lock:                        # the flusher thread waits meanwhile
+        rec.write_header, rec.flush = full_disk, lambda: flushed.append(True)
+        rec.header_done, rec.opened, rec.dirty_since = False, 0.0, 0.0
+        act.tick(time.monotonic())
+        assert rec.broken and act.errors == 1 and flushed == []
+        del rec.write_header, rec.flush
+    act.close()
