@@ -1,6 +1,7 @@
 """RingReader: the BPF ring buffer read in place.  The kernel's layout is laid
 out in a file (consumer page, producer page, data twice -- the kernel maps the
 same pages twice; here the second copy is written by hand) and read back."""
+import contextlib
 import ctypes
 import mmap
 import struct
@@ -142,6 +143,20 @@ DRAINED = [sshlog.Data(sshlog.REC_TTY_OUT, 10, 7, 1, 9, b"ab", 0),
            sshlog.Data(sshlog.REC_TTY_OUT, 50, 7, 2, 9, b"z", 0)]
 
 
+@contextlib.contextmanager
+def mapped_probes(*rings):
+    """Probes reading the laid-out rings (control, terminal) through RingReader."""
+    files = [open(ring.path, "r+b") for ring in rings]
+    probes = unloaded_probes(readers=tuple(sshlog.RingReader(f.fileno(), SIZE) for f in files))
+    try:
+        yield probes
+    finally:
+        for reader in probes.readers:
+            reader.close()
+        for f in files:
+            f.close()
+
+
 def unloaded_probes(readers=None, bpf=None):
     probes = object.__new__(sshlog.Probes)       # the BPF side is not loaded here
     probes.raw, probes.readers, probes.bpf = ([], []), readers, bpf
@@ -158,20 +173,13 @@ def test_drain_reads_both_mapped_rings_in_time_order(tmp_path):
         tty.add(raw)
     tty.add(tty_record(3, b"gone", 60), flags=sshlog.RingReader.DISCARD)
     tty.add(b"\x01\x02\x03")                     # undecodable: counted
-    files = [open(ring.path, "r+b") for ring in (ctl, tty)]
-    probes = unloaded_probes(readers=tuple(sshlog.RingReader(f.fileno(), SIZE) for f in files))
-    try:
+    with mapped_probes(ctl, tty) as probes:
         assert probes.drain() == DRAINED
         assert (ctl.consumer(), tty.consumer()) == (ctl.pos, tty.pos)
         assert probes.decode_errors == 1
         assert probes.fill == (tty.pos - (SIZE - 40)) / SIZE > ctl.pos / SIZE
         assert probes.drain() == []               # everything was released
         assert probes.fill == 0
-    finally:
-        for reader in probes.readers:
-            reader.close()
-        for f in files:
-            f.close()
 
 
 def test_drain_with_bccs_reader_gives_the_same_records():
@@ -198,15 +206,8 @@ def test_drain_orders_control_records_committed_out_of_time_order(tmp_path):
     ctl, tty = FakeRing(tmp_path / "ctl"), FakeRing(tmp_path / "tty")
     for raw in CTL:                               # two CPUs: committed in the other order
         ctl.add(raw)
-    files = [open(ring.path, "r+b") for ring in (ctl, tty)]
-    probes = unloaded_probes(readers=tuple(sshlog.RingReader(f.fileno(), SIZE) for f in files))
-    try:
+    with mapped_probes(ctl, tty) as probes:
         assert [r.ts for r in probes.drain()] == [25, 40]
-    finally:
-        for reader in probes.readers:
-            reader.close()
-        for f in files:
-            f.close()
 
 
 def test_the_daemon_drains_sooner_under_ring_pressure_or_for_live_viewers():
