@@ -516,6 +516,10 @@ class TerminalUpdate(Event):
     lost_bytes: int = 0           # bytes lost (BPF ring full) just before this chunk
     type = "terminal_update"
 
+    def __post_init__(self):
+        if not self.terminal_data:        # not given: `raw` decoded when read (_DecodedRaw)
+            del self.__dict__["terminal_data"]
+
     def to_dict(self):
         d = super().to_dict()
         del d["raw"]
@@ -583,6 +587,24 @@ for _cls in EVENT_TYPES.values():
                       if f.default is not dataclasses.MISSING}
 del _cls
 TERMINAL_EVENTS = frozenset((TerminalUpdate, TerminalInput))
+
+
+class _DecodedRaw:
+    """`terminal_data` of a terminal event built by Event.of(): `raw` decoded
+    on first use.  Most configurations never read it, and a flood is ~17 MB
+    of output a second to decode on the capture thread."""
+
+    def __get__(self, event, cls=None):
+        if event is None:
+            return ""
+        text = event.__dict__["terminal_data"] = decode_bytes(event.raw)
+        return text
+
+
+TerminalUpdate.terminal_data = _DecodedRaw()     # TerminalInput inherits it
+for _cls in TERMINAL_EVENTS:
+    del _cls._defaults["terminal_data"]
+del _cls
 WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES
                             if t not in ("terminal_update", "terminal_input", "terminal_resize"))
 
@@ -1481,9 +1503,8 @@ class Tracker:
             if rec.lost:
                 s.tty_lost += rec.lost
                 self.tty_lost_bytes += rec.lost
-            return [TerminalUpdate.of(self._base(s, ts), terminal_data=decode_bytes(rec.data),
-                                      data_len=len(rec.data), raw=rec.data, offset=offset,
-                                      lost_bytes=rec.lost)]
+            return [TerminalUpdate.of(self._base(s, ts), data_len=len(rec.data), raw=rec.data,
+                                      offset=offset, lost_bytes=rec.lost)]
         if rec.type == REC_TTY_IN:
             ts = self.clock.wall(rec.ts)
             offset = s.tty_in_bytes
@@ -1491,9 +1512,8 @@ class Tracker:
             if rec.lost:
                 s.tty_lost += rec.lost
                 self.tty_lost_bytes += rec.lost
-            return [TerminalInput.of(self._base(s, ts), terminal_data=decode_bytes(rec.data),
-                                     data_len=len(rec.data), raw=rec.data, offset=offset,
-                                     lost_bytes=rec.lost)]
+            return [TerminalInput.of(self._base(s, ts), data_len=len(rec.data), raw=rec.data,
+                                     offset=offset, lost_bytes=rec.lost)]
         if rec.type == REC_STDOUT:
             cmd = s.commands.get(rec.pid)
             if cmd is not None:

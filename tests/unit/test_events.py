@@ -191,6 +191,23 @@ def test_terminal_update_has_no_raw_bytes():
     assert ev.raw == b"\xff ok"             # still on the event, for recordings
 
 
+@pytest.mark.parametrize("cls", [sshlog.TerminalUpdate, sshlog.TerminalInput])
+def test_a_captured_terminal_event_decodes_its_text_when_first_read(cls):
+    """The tracker builds terminal events from raw bytes alone; their
+    `terminal_data` is the bytes decoded (invalid UTF-8 escaped) on first use,
+    in the same place of the JSON form as a constructed event's.  The
+    constructor given no text does the same."""
+    raw = b"\xff ok\r\n"
+    built = cls.of(dict(factories.BASE), raw=raw, data_len=len(raw))
+    assert "terminal_data" not in built.__dict__             # nothing decoded yet
+    given = cls(**dict(factories.BASE, raw=raw, data_len=len(raw),
+                       terminal_data=sshlog.decode_bytes(raw)))
+    assert built.terminal_data == "\\xff ok\r\n"
+    assert built == given and list(built.to_dict()) == list(given.to_dict())
+    assert cls(**dict(factories.BASE, raw=raw)).terminal_data == built.terminal_data
+    assert cls.of(dict(factories.BASE)).terminal_data == ""   # a loss marker has no bytes
+
+
 def test_json_line_escapes_control_characters():
     ev = make_event(sshlog.CommandStart, filename="/bin/echo", argv=("echo", "a\nb\x1b"))
     line = sshlog.event_line(ev, as_json=True)
