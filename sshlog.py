@@ -590,9 +590,9 @@ TERMINAL_EVENTS = frozenset((TerminalUpdate, TerminalInput))
 
 
 class _DecodedRaw:
-    """`terminal_data` of a terminal event built by Event.of(): `raw` decoded
-    on first use.  Most configurations never read it, and a flood is ~17 MB
-    of output a second to decode on the capture thread."""
+    """`terminal_data` of a terminal event built by Event.of() or given no
+    text: `raw` decoded on first use.  Most configurations never read it, so
+    the capture thread need not decode every byte of a flood."""
 
     def __get__(self, event, cls=None):
         if event is None:

@@ -29,7 +29,7 @@ and its speed drifts over minutes: the off and on samples are taken in pairs, a 
 apart, 20 pairs (--pairs), and the medians are taken over all samples.
 
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
-at every sample and reported.  Run as root: `sudo make bench` (~20 minutes), or
+at every block and reported.  Run as root: `sudo make bench` (~25 minutes), or
 `tests/bench.py --quick` (~4 minutes), `--only exec,flood` for a part, `--on eventlog` for
 the daemon with the text event log alone.  Other load on the machine is reported too (load
 average before and after): measure on a quiet machine.
@@ -320,10 +320,9 @@ def syscall_cost(exe, n, repeat=5):
     return median(g), median(w)
 
 
-def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line, lost_bytes,
-          lost_events):
+def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
     """One sample of each timed part, daemon `cond` ("off", or "on" with `daemon`); the
-    figures go to res[cond], a word on each to `line`."""
+    figures go to res[cond] (with the daemon: what it lost too), a word on each to `line`."""
     if "exec" in parts or "flood" in parts:
         with harness.PtySession(sshd, user) as s:
             # the first burst after the daemon starts also pays for its fresh heap (a
@@ -345,7 +344,7 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line, lost_
                     line.append("%s %.3fs" % (key.replace("_", " "), t))
                     if daemon:
                         got = captured_bytes(daemon, user) - before
-                        lost_bytes.append(max(shown - got, 0))
+                        res["on"]["lost_bytes"].append(max(shown - got, 0))
                         line.append("(%d/%d bytes recorded)" % (min(got, shown), shown))
     if "scp" in parts:
         remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
@@ -379,7 +378,7 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line, lost_
                                 {k: (v["queued"], v["dropped"], v["failed"])
                                  for k, v in st["actions"].items()}))
                 got = later
-            lost_events.append(want - got)
+            res["on"]["lost_events"].append(want - got)
             line.append("(%d/%d logged)" % (got, want))
     if loop:
         g, w = syscall_cost(loop, args.syscalls)
@@ -473,9 +472,9 @@ def main():
                "args": {k: v for k, v in vars(args).items() if k != "parts"}}
     res = {c: {k: [] for k in ("exec_first", "exec_first_wait", "exec", "exec_wait",
                                "flood_first", "flood", "scp", "parallel", "login", "getppid",
-                               "write")}
+                               "write", "lost_bytes", "lost_events")}
            for c in ("off", "on")}
-    lost_bytes, lost_events, starts, rss_start, rss_end, drops = [], [], [], [], [], []
+    starts, rss_start, rss_end, drops = [], [], [], []
     anon_start = []
     foreign = Foreign()
     pytests = subprocess.run(["pgrep", "-c", "-f", "pytest"], capture_output=True).stdout
@@ -515,8 +514,7 @@ def main():
                         anon_start.append(status_kb(daemon.proc.pid, "RssAnon") / 1024.0)
                     foreign.sample(daemon)
                     block(args, parts, cond, daemon, sshd, user, payload,
-                          loop if i % SYSCALL_EVERY == 0 else None, res, line, lost_bytes,
-                          lost_events)
+                          loop if i % SYSCALL_EVERY == 0 else None, res, line)
                     foreign.sample(daemon)
                     if daemon:
                         rss_end.append(status_kb(daemon.proc.pid, "VmHWM") / 1024.0)
@@ -585,6 +583,7 @@ def main():
             verdict = "(reported)"
         out.append("%-40s off %8.3f %-4s on %8.3f %-4s ratio %.3f  %s" % (
             label, off, unit, on, unit, ratio, verdict))
+    lost_bytes, lost_events = res["on"]["lost_bytes"], res["on"]["lost_events"]
     if lost_bytes:
         figures["terminal_bytes_lost"] = sum(lost_bytes)
         out.append("%-40s %d over %d flood(s)  %s" % ("terminal bytes lost", sum(lost_bytes),
