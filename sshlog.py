@@ -579,16 +579,6 @@ class SessionAttach(Event):
         return "%s by %s%s" % (self.action, who, extra)
 
 
-EVENT_TYPES = {cls.type: cls for cls in (
-    ConnectionEstablished, ConnectionAuthFailed, ConnectionClose, CommandStart,
-    CommandFinish, FileUpload, TerminalUpdate, TerminalInput, TerminalResize, SessionAttach)}
-for _cls in EVENT_TYPES.values():
-    _cls._defaults = {f.name: f.default for f in dataclasses.fields(_cls)
-                      if f.default is not dataclasses.MISSING}
-del _cls
-TERMINAL_EVENTS = frozenset((TerminalUpdate, TerminalInput))
-
-
 class _DecodedRaw:
     """`terminal_data` of a terminal event built by Event.of() or given no
     text: `raw` decoded on first use.  Most configurations never read it, so
@@ -602,9 +592,14 @@ class _DecodedRaw:
 
 
 TerminalUpdate.terminal_data = _DecodedRaw()     # TerminalInput inherits it
-for _cls in TERMINAL_EVENTS:
-    del _cls._defaults["terminal_data"]
+EVENT_TYPES = {cls.type: cls for cls in (
+    ConnectionEstablished, ConnectionAuthFailed, ConnectionClose, CommandStart,
+    CommandFinish, FileUpload, TerminalUpdate, TerminalInput, TerminalResize, SessionAttach)}
+for _cls in EVENT_TYPES.values():         # what Event.of() fills in (not _DecodedRaw's field)
+    _cls._defaults = {f.name: f.default for f in dataclasses.fields(_cls)
+                      if f.default is not dataclasses.MISSING and f.name != "terminal_data"}
 del _cls
+TERMINAL_EVENTS = frozenset((TerminalUpdate, TerminalInput))
 WATCH_DEFAULT_TYPES = tuple(t for t in EVENT_TYPES
                             if t not in ("terminal_update", "terminal_input", "terminal_resize"))
 
