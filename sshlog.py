@@ -5376,6 +5376,9 @@ def parse_report_line(line, since=None, until=None):
     text = text.rstrip("\r\n")
     if not text or text[0] == "{":
         return _report_json(text, since, until) if text else None
+    # our writer escapes control characters; a line from elsewhere is escaped
+    # here as the JSON form's fields are (_jtext), never printed raw
+    text = printable(text)
     sp = text.find(" ", 20)
     pattern = _TEXT_LINES.get(text[20:sp])
     m = pattern.match(text) if pattern is not None else None

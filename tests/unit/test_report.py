@@ -367,3 +367,16 @@ def test_tally_folds_rare_keys_but_keeps_totals():
         t.add("rare%d" % i)
     assert t.total == 2000 and len(t.counts) <= 10
     assert t.top(1) == [("common", 1000)] and t.folded > 0
+
+
+def test_a_text_line_with_raw_control_characters_is_reported_escaped():
+    """Our writer escapes control characters; a line written elsewhere
+    (hypothesis found this one) must not reach a terminal raw."""
+    line = ("2023-11-28 10:57:16 connection_established (2062) root from ip "
+            "\x1b211.249.71.117:52566 tty 4")
+    rec = sshlog.parse_report_line(line)
+    assert rec.ip == "\\x1b211.249.71.117" and rec.port == 52566
+    r = sshlog.EventReport()
+    r._scan(io.BytesIO(line.encode() + b"\n"))
+    out = sshlog.render_report(r.result(), "text")
+    assert "\x1b" not in out and "\\x1b211.249.71.117" in out
