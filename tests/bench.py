@@ -26,7 +26,9 @@ Medians and on/off ratios of:
 
 Each timed part is short (2-4 s), this VM's timings swing ~10 % from one sample to the next,
 and its speed drifts over minutes: the off and on samples are taken in pairs, a minute
-apart, 20 pairs (--pairs), and the medians are taken over all samples.
+apart, 20 pairs (--pairs), and the medians are taken over all samples.  Each ratio is shown
+with its 90 % interval, the pairs resampled (a bootstrap): a ratio whose interval straddles
+the budget is not decided by the run.
 
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
 at every block and reported.  Run as root: `sudo make bench` (~25 minutes), or
@@ -37,6 +39,7 @@ average before and after): measure on a quiet machine.
 import argparse
 import json
 import os
+import random
 import re
 import shutil
 import statistics
@@ -210,8 +213,30 @@ def captured_bytes(daemon, user):
     return sum(r["terminal_bytes"] for r in rows if r["username"] == user.name)
 
 
+def losses(daemon):
+    """(terminal bytes the daemon counted lost, BPF tty records it counted dropped)."""
+    st = daemon.status()
+    return st.get("terminal_lost_bytes", 0), st["bpf_drops"].get("tty", 0)
+
+
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+def ratio_interval(off, on, higher_better, rounds=2000, seed=5):
+    """The 90 % interval of the on/off ratio of medians, the pairs resampled with replacement
+    (a bootstrap, seeded: the same samples give the same interval): how much of a ratio this
+    run's noise leaves undecided.  None below 4 pairs."""
+    n = min(len(off), len(on))
+    if n < 4:
+        return None
+    rng, ratios = random.Random(seed), []
+    for _ in range(rounds):
+        picks = [rng.randrange(n) for _ in range(n)]
+        a, b = median([off[i] for i in picks]), median([on[i] for i in picks])
+        ratios.append(a / b if higher_better else b / a)
+    ratios.sort()
+    return ratios[int(0.05 * rounds)], ratios[int(0.95 * rounds) - 1]
 
 
 # -- the daemon under test --------------------------------------------------------------------
@@ -337,15 +362,21 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
                     line.append("%s %.3fs" % (key.replace("_", " "), t))
             if "flood" in parts:
                 for key in ("flood_first", "flood"):
-                    before = captured_bytes(daemon, user) if daemon else 0
+                    if daemon:
+                        before, counted = captured_bytes(daemon, user), losses(daemon)
                     settle(daemon)
                     t, shown = timed(s, "seq 1 %d" % args.lines)
                     res[cond][key].append(t)
                     line.append("%s %.3fs" % (key.replace("_", " "), t))
                     if daemon:
                         got = captured_bytes(daemon, user) - before
+                        counted = [b - a for a, b in zip(counted, losses(daemon))]
                         res["on"]["lost_bytes"].append(max(shown - got, 0))
-                        line.append("(%d/%d bytes recorded)" % (min(got, shown), shown))
+                        res["on"]["counted_loss"].append(counted)
+                        line.append("(%d/%d bytes recorded%s)" % (
+                            min(got, shown), shown, "; the daemon counted %d byte(s) lost, "
+                            "%d tty record(s) dropped" % tuple(counted) if any(counted)
+                            else ""))
     if "scp" in parts:
         remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
         settle(daemon)
@@ -472,7 +503,7 @@ def main():
                "args": {k: v for k, v in vars(args).items() if k != "parts"}}
     res = {c: {k: [] for k in ("exec_first", "exec_first_wait", "exec", "exec_wait",
                                "flood_first", "flood", "scp", "parallel", "login", "getppid",
-                               "write", "lost_bytes", "lost_events")}
+                               "write", "lost_bytes", "counted_loss", "lost_events")}
            for c in ("off", "on")}
     starts, rss_start, rss_end, drops = [], [], [], []
     anon_start = []
@@ -574,29 +605,35 @@ def main():
         if not res["on"][key]:
             continue
         ratio = off / on if higher_better else on / off
-        figures[key] = {"off": off, "on": on, "ratio": ratio,
+        interval = ratio_interval(res["off"][key], res["on"][key], higher_better)
+        figures[key] = {"off": off, "on": on, "ratio": ratio, "ratio_90": interval,
                         "samples": {"off": res["off"][key], "on": res["on"][key]}}
         verdict = "ok" if ratio <= BUDGET else "OVER BUDGET"
         if key in ("exec_first", "flood_first"):
             verdict = "(start-up: not budgeted)"
         elif key == "login":
             verdict = "(reported)"
-        out.append("%-40s off %8.3f %-4s on %8.3f %-4s ratio %.3f  %s" % (
-            label, off, unit, on, unit, ratio, verdict))
+        out.append("%-40s off %8.3f %-4s on %8.3f %-4s ratio %.3f %s %s" % (
+            label, off, unit, on, unit, ratio,
+            "[%.3f-%.3f]" % interval if interval else "", verdict))
     lost_bytes, lost_events = res["on"]["lost_bytes"], res["on"]["lost_events"]
     if lost_bytes:
+        counted = [sum(c) for c in zip(*res["on"]["counted_loss"])]
         figures["terminal_bytes_lost"] = sum(lost_bytes)
-        out.append("%-40s %d over %d flood(s)  %s" % ("terminal bytes lost", sum(lost_bytes),
-                                                      len(lost_bytes),
-                                                      "ok" if not sum(lost_bytes) else "LOST"))
+        figures["terminal_loss_counted"] = {"bytes": counted[0], "tty_records": counted[1]}
+        out.append("%-40s %d over %d flood(s)  %s" % (
+            "terminal bytes lost", sum(lost_bytes), len(lost_bytes), "ok" if not sum(lost_bytes)
+            else "LOST (the daemon counted %d byte(s) lost, %d tty record(s) dropped)"
+            % tuple(counted)))
     if lost_events:
         figures["events_lost"] = sum(lost_events)
         out.append("%-40s %d of %d  %s" % ("command_finish events lost", sum(lost_events),
                                           len(lost_events) * args.parallel * args.commands,
                                           "ok" if not sum(lost_events) else "LOST"))
     if drops:
-        figures["bpf_drops"] = drops[-1]
-        out.append("%-40s %s (last block)" % ("BPF ring drops", drops[-1]))
+        figures["bpf_drops"] = {ring: sum(d.get(ring, 0) for d in drops) for ring in ("ctl", "tty")}
+        out.append("%-40s %s (all %d on blocks)" % ("BPF ring drops", figures["bpf_drops"],
+                                                    len(drops)))
     for key, label in (("exec_first_wait", "the daemon's first storm: waiting"),
                        ("exec_wait", "exec storm: waiting for a CPU")):
         if res["on"][key]:
