@@ -214,7 +214,9 @@ def captured_bytes(daemon, user):
 
 
 def losses(daemon):
-    """(terminal bytes the daemon counted lost, BPF tty records it counted dropped)."""
+    """(terminal bytes the daemon counted lost, BPF tty records it counted dropped).  Bytes
+    lost after a stream's last record are counted at the session's close, later than a
+    flood's check: the prompt's output after the flood carries a flood's loss in time."""
     st = daemon.status()
     return st.get("terminal_lost_bytes", 0), st["bpf_drops"].get("tty", 0)
 
@@ -631,7 +633,8 @@ def main():
                                           len(lost_events) * args.parallel * args.commands,
                                           "ok" if not sum(lost_events) else "LOST"))
     if drops:
-        figures["bpf_drops"] = {ring: sum(d.get(ring, 0) for d in drops) for ring in ("ctl", "tty")}
+        figures["bpf_drops"] = {ring: sum(d.get(ring, 0) for d in drops)
+                                for ring in ("ctl", "tty")}
         out.append("%-40s %s (all %d on blocks)" % ("BPF ring drops", figures["bpf_drops"],
                                                     len(drops)))
     for key, label in (("exec_first_wait", "the daemon's first storm: waiting"),
