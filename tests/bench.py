@@ -365,20 +365,21 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
             if "flood" in parts:
                 for key in ("flood_first", "flood"):
                     if daemon:
-                        before, counted = captured_bytes(daemon, user), losses(daemon)
+                        before, lost_before = captured_bytes(daemon, user), losses(daemon)
                     settle(daemon)
                     t, shown = timed(s, "seq 1 %d" % args.lines)
                     res[cond][key].append(t)
                     line.append("%s %.3fs" % (key.replace("_", " "), t))
                     if daemon:
                         got = captured_bytes(daemon, user) - before
-                        counted = [b - a for a, b in zip(counted, losses(daemon))]
+                        counted = [b - a for a, b in zip(lost_before, losses(daemon))]
                         res["on"]["lost_bytes"].append(max(shown - got, 0))
                         res["on"]["counted_loss"].append(counted)
-                        line.append("(%d/%d bytes recorded%s)" % (
-                            min(got, shown), shown, "; the daemon counted %d byte(s) lost, "
-                            "%d tty record(s) dropped" % tuple(counted) if any(counted)
-                            else ""))
+                        said = ""
+                        if any(counted):
+                            said = ("; the daemon counted %d byte(s) lost, %d tty record(s) "
+                                    "dropped" % tuple(counted))
+                        line.append("(%d/%d bytes recorded%s)" % (min(got, shown), shown, said))
     if "scp" in parts:
         remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
         settle(daemon)
