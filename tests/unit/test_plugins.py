@@ -106,7 +106,7 @@ def test_action_example_writes_csv_through_the_pipeline(tmp_path):
                  fields: [username, client_ip, args, exit_code]}
         """ % out)
     p = sshlog.Pipeline(cfg)
-    p.dispatch(event(argv=("id", "-un, \"x\"")))
+    p.dispatch(event(ts=local_ts(12, 0, 2), argv=("id", "-un, \"x\"")))   # never in the window
     p.stop()
     assert p.stats()["csv"]["delivered"] == 1
     assert out.read_text().splitlines() == ["username,client_ip,args,exit_code",
