@@ -17,7 +17,8 @@
  * data records are built in a per-CPU scratch record and copied into the ring
  * at their used size (the kernel runs these programs with preemption off and
  * never nests two tracing programs on one CPU, so a scratch record is never
- * shared).  Every record that does not fit is counted in `drops`.
+ * shared).  A record its ring refuses goes into the other one (see
+ * ring_output); one neither takes is counted in `drops`.
  *
  * Parameters (all integers, from sshlog.py):
  *   CTL_PAGES, TTY_PAGES   ring sizes in pages (powers of two)
@@ -28,6 +29,8 @@
  *   HAVE_GROUP_DEAD        sched_process_exit has group_dead (kernel >= 6.x)
  *   OFF_EXIT_CODE          offset of task_struct.exit_code (optional)
  *   TRACK_MAX              capacity of the tracked-process table
+ *   REFUSE_EVERY           tests only: every Nth first try at a ring fails,
+ *                          to exercise the reroute (0 = never; the default)
  */
 #include <uapi/linux/ptrace.h>
 
@@ -162,6 +165,8 @@ BPF_HASH(fds, struct fd_key, struct fd_val, 16384);
 BPF_TABLE("lru_hash", u32, struct peer, peers, 1024);      /* listener -> last accepted peer */
 BPF_TABLE("lru_hash", u64, struct stash, stashes, 16384);  /* pid_tgid -> syscall args */
 BPF_ARRAY(drops, u64, 2);                          /* [0] ctl, [1] tty */
+BPF_ARRAY(rerouted, u64, 2);       /* records of [0] ctl, [1] tty the other ring took */
+BPF_ARRAY(tty_refusing, u32, 1);                   /* see ring_output() */
 /* Terminal bytes lost to a full tty ring, per session and direction (key
  * sess * 2, + 1 for input): the stream's next record carries the count in
  * `lost`; what is left when the connection ends goes out as REC_TTY_LOSS. */
@@ -186,6 +191,77 @@ static __always_inline void count_drop(int ring)
     u64 *n = drops.lookup(&ring);
     if (n)
         __sync_fetch_and_add(n, 1);
+}
+
+/* A ring may refuse a record with room to spare: this kernel's (6.18)
+ * reservation now and then fails with the ring nearly empty, and an
+ * immediate retry in the same ring fails too.  Such a record goes into the
+ * other ring; the reader takes both rings and orders their records by time.
+ * A terminal record goes to the control ring only after its own ring last
+ * took one, so a terminal flood that fills its ring cannot fill the control
+ * ring as well: `tty_refusing` says the terminal ring refused the last one. */
+static __always_inline void count_rerouted(int ring)
+{
+    u64 *n = rerouted.lookup(&ring);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+#ifndef REFUSE_EVERY
+#define REFUSE_EVERY 0
+#endif
+#if REFUSE_EVERY
+BPF_ARRAY(refuse_tick, u64, 1);
+static __always_inline int refuse_now(void)
+{
+    u32 zero = 0;
+    u64 *t = refuse_tick.lookup(&zero);
+    return t && __sync_fetch_and_add(t, 1) % REFUSE_EVERY == REFUSE_EVERY - 1;
+}
+#else
+#define refuse_now() 0
+#endif
+
+/* Space for a control record of constant `size`: in the control ring, or
+ * when it refuses, in the terminal ring (its reader passes such records on). */
+static __always_inline void *ctl_reserve(u64 size)
+{
+    void *r = refuse_now() ? NULL : ctl.ringbuf_reserve(size);
+    if (!r) {
+        r = tty.ringbuf_reserve(size);
+        if (r)
+            count_rerouted(0);
+    }
+    return r;
+}
+
+/* Copy `size` bytes of `r` into ring `which` (0 control, 1 terminal), or
+ * into the other one when it refuses (see above).  Nonzero: lost. */
+static __always_inline long ring_output(u32 which, void *r, u64 size)
+{
+    u32 zero = 0;
+    u32 *refusing = tty_refusing.lookup(&zero);
+    if (!refusing)
+        return -1;
+    if (which) {
+        if (!refuse_now() && !tty.ringbuf_output(r, size, 0)) {
+            if (*refusing)
+                *refusing = 0;
+            return 0;
+        }
+        if (*refusing)
+            return -1;
+        *refusing = 1;
+        if (ctl.ringbuf_output(r, size, 0))
+            return -1;
+    } else {
+        if (!refuse_now() && !ctl.ringbuf_output(r, size, 0))
+            return 0;
+        if (tty.ringbuf_output(r, size, 0))
+            return -1;
+    }
+    count_rerouted(which);
+    return 0;
 }
 
 static __always_inline void fill_hdr(struct rec_hdr *h, u32 type, u32 pid, u32 sess)
@@ -363,7 +439,7 @@ static __always_inline void tty_session_end(u32 sess)
         u64 *v = tty_lost.lookup(&k);
         if (!v)
             continue;
-        struct rec_u32 *r = ctl.ringbuf_reserve(sizeof(*r));
+        struct rec_u32 *r = ctl_reserve(sizeof(*r));
         if (r) {
             fill_hdr(&r->h, REC_TTY_LOSS, sess, sess);
             r->value = *v > 0xffffffff ? 0xffffffff : *v;
@@ -402,8 +478,7 @@ static __always_inline void emit_chunk(u32 which, u32 type, u32 tgid, u32 sess, 
     r->lost = which ? tty_loss_take(type, sess) : 0;
     u64 size = sizeof(struct rec_data_head) + n;
     asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(*r)));
-    long err = which ? tty.ringbuf_output(r, size, 0) : ctl.ringbuf_output(r, size, 0);
-    if (err) {
+    if (ring_output(which, r, size)) {
         count_drop(which);
         if (which)            /* the loss it carried, and its own bytes, go to the next */
             tty_loss_add(type, sess, r->lost + n);
@@ -427,7 +502,7 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
 
 static __always_inline void emit_u32(u32 type, u32 tgid, u32 sess, u32 value, u32 fd)
 {
-    struct rec_u32 *r = ctl.ringbuf_reserve(sizeof(*r));
+    struct rec_u32 *r = ctl_reserve(sizeof(*r));
     if (!r) {
         count_drop(0);
         return;
@@ -525,7 +600,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
         c.sess = child;
         c.flags = F_SSHD | F_MONITOR;
         tracked.update(&child, &c);
-        struct rec_connect *r = ctl.ringbuf_reserve(sizeof(*r));
+        struct rec_connect *r = ctl_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
             return 0;
@@ -662,7 +737,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     /* into the ring at its size: most command lines are a few dozen bytes */
     u64 size = __builtin_offsetof(struct rec_exec, argv) + r->h.len;
     asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(*r)));
-    if (ctl.ringbuf_output(r, size, 0))
+    if (ring_output(0, r, size))
         count_drop(0);
     return 0;
 }
@@ -670,7 +745,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 /* An upload's file was closed (or its process ended): report its bytes. */
 static __always_inline void emit_upload_close(u32 tgid, u32 sess, s32 fd, u64 bytes)
 {
-    struct rec_upload_close *r = ctl.ringbuf_reserve(sizeof(*r));
+    struct rec_upload_close *r = ctl_reserve(sizeof(*r));
     if (!r) {
         count_drop(0);
         return;
@@ -719,7 +794,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if (p->flags & F_MONITOR)
         tty_session_end(tgid);
     if (p->flags & (F_CMD | F_MONITOR | F_XFER)) {
-        struct rec_exit *r = ctl.ringbuf_reserve(sizeof(*r));
+        struct rec_exit *r = ctl_reserve(sizeof(*r));
         if (r) {
             fill_hdr(&r->h, REC_EXIT, tgid, p->sess);
 #ifdef OFF_EXIT_CODE
@@ -798,7 +873,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         u16 ws[2] = {};
         bpf_probe_read_user(ws, sizeof(ws), (void *)a.a2);
         fd_mark(tgid, a.a0, FD_PTMX);
-        struct rec_winsz *r = ctl.ringbuf_reserve(sizeof(*r));
+        struct rec_winsz *r = ctl_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
             return 0;
@@ -976,7 +1051,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
         u64 mode = 0;
         bpf_probe_read_kernel(&mode, sizeof(mode), (void *)(user_regs() + 56));
         fd_mark(tgid, fd, FD_UPLOAD);
-        struct rec_upload_open *r = ctl.ringbuf_reserve(sizeof(*r));
+        struct rec_upload_open *r = ctl_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
             return 0;

@@ -1130,7 +1130,15 @@ class Probes:
         return records
 
     def drops(self):
-        d = self.bpf["drops"]
+        return self._per_ring("drops")
+
+    def rerouted(self):
+        """Records each ring refused that the other one took (bpf_probes.c,
+        ring_output): none lost, counted to show the kernel refusing."""
+        return self._per_ring("rerouted")
+
+    def _per_ring(self, table):
+        d = self.bpf[table]
         return {"ctl": int(d[ctypes.c_int(0)].value), "tty": int(d[ctypes.c_int(1)].value)}
 
     def track(self, pid, sess, ppid, flags):
@@ -5127,6 +5135,7 @@ class Daemon:
                 "uptime_s": round(time.time() - self.started, 1),
                 "events": dict(self.counts),
                 "bpf_drops": self.probes.drops() if self.probes else {},
+                "bpf_rerouted": self.probes.rerouted() if self.probes else {},
                 "decode_errors": self.probes.decode_errors if self.probes else 0,
                 "callback_errors": self.probes.callback_errors if self.probes else 0,
                 "filter_errors": self.pipeline.filter_errors if self.pipeline else 0,
@@ -6119,6 +6128,10 @@ def cmd_status(args):
           " (terminal bytes %d)" % data.get("terminal_lost_bytes", 0) +
           ", undecodable %d, watch %d, filter errors %d" % (
               data["decode_errors"], data["watch_dropped"], data["filter_errors"]))
+    rerouted = data.get("bpf_rerouted") or {}
+    if any(rerouted.values()):
+        print("refused by their ring, taken by the other: ctl %d, tty %d"
+              % (rerouted.get("ctl", 0), rerouted.get("tty", 0)))
     for name, a in sorted(data["actions"].items()):
         waiting = ""
         if "unconverted_bytes" in a:                 # recordings: converted after a burst

@@ -508,7 +508,7 @@ def main():
                                "flood_first", "flood", "scp", "parallel", "login", "getppid",
                                "write", "lost_bytes", "counted_loss", "lost_events")}
            for c in ("off", "on")}
-    starts, rss_start, rss_end, drops = [], [], [], []
+    starts, rss_start, rss_end, drops, rerouted = [], [], [], [], []
     anon_start = []
     foreign = Foreign()
     pytests = subprocess.run(["pgrep", "-c", "-f", "pytest"], capture_output=True).stdout
@@ -554,6 +554,7 @@ def main():
                         rss_end.append(status_kb(daemon.proc.pid, "VmHWM") / 1024.0)
                         st = daemon.status()
                         drops.append(st["bpf_drops"])
+                        rerouted.append(st.get("bpf_rerouted", {}))
                         line.append("peak RSS %.0f MB" % rss_end[-1])
                         rc = daemon.stop()
                         if rc != 0:
@@ -638,6 +639,10 @@ def main():
                                 for ring in ("ctl", "tty")}
         out.append("%-40s %s (all %d on blocks)" % ("BPF ring drops", figures["bpf_drops"],
                                                     len(drops)))
+        figures["bpf_rerouted"] = {ring: sum(d.get(ring, 0) for d in rerouted)
+                                   for ring in ("ctl", "tty")}
+        out.append("%-40s %s" % ("refused by their ring, taken by the other",
+                                 figures["bpf_rerouted"]))
     for key, label in (("exec_first_wait", "the daemon's first storm: waiting"),
                        ("exec_wait", "exec storm: waiting for a CPU")):
         if res["on"][key]:

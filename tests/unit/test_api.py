@@ -18,8 +18,8 @@ from sshlog import Connect, Exec, Value
 
 STATUS = {"version": sshlog.__version__, "pid": 4321, "uptime_s": 12.5,
           "events": {"command_start": 3, "connection_established": 1},
-          "bpf_drops": {"ctl": 0, "tty": 2}, "decode_errors": 0, "callback_errors": 0,
-          "filter_errors": 1,
+          "bpf_drops": {"ctl": 0, "tty": 2}, "bpf_rerouted": {"ctl": 3, "tty": 1},
+          "decode_errors": 0, "callback_errors": 0, "filter_errors": 1,
           "actions": {"log_events": {"plugin": "eventlogfile_action", "queued": 0,
                                      "delivered": 4, "dropped": 0, "failed": 0}},
           "watchers": 0, "watch_dropped": 0, "sessions": 1,
@@ -275,6 +275,7 @@ def test_cli_status_text(api, capsys):
     assert "sshlog %s, pid 4321" % sshlog.__version__ in out
     assert "events: command_start 3, connection_established 1" in out
     assert "bpf ctl 0, bpf tty 2" in out and "filter errors 1" in out
+    assert "refused by their ring, taken by the other: ctl 3, tty 1" in out
     assert "action log_events (eventlogfile_action): delivered 4" in out
     assert "config: /etc/sshlog/conf.d/log_events.yaml" in out
 
@@ -368,6 +369,9 @@ class NoProbes:
     def drops(self):
         return {"ctl": 1, "tty": 0}
 
+    def rerouted(self):
+        return {"ctl": 2, "tty": 0}
+
     def drain(self):
         return []
 
@@ -385,11 +389,12 @@ def test_real_daemon_api(tmp_path, allow_peer, capsys):
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         status = one_reply(path, {"cmd": "status"})["data"]
-        for key in ("version", "uptime_s", "events", "bpf_drops", "actions", "config_files",
+        for key in ("version", "uptime_s", "events", "bpf_drops", "bpf_rerouted", "actions",
+                    "config_files",
                     "watchers", "sessions", "decode_errors", "filter_errors"):
             assert key in status
-        assert (status["bpf_drops"], status["config_files"]) == ({"ctl": 1, "tty": 0},
-                                                                 ["a.yaml"])
+        assert (status["bpf_drops"], status["bpf_rerouted"], status["config_files"]) == (
+            {"ctl": 1, "tty": 0}, {"ctl": 2, "tty": 0}, ["a.yaml"])
         s, f = ask(path, {"cmd": "watch"})
         with s, f:
             f.readline()
