@@ -1045,6 +1045,12 @@ class Probes:
     record after each drain, and nobody waits on the signal), so a busy
     session costs us one batch per tick instead of one wake-up per record."""
 
+    # A record is stamped before its ring takes it, and one that a ring first
+    # refused reaches the other ring a little later: a drain may read records
+    # stamped after one still on its way.  The newest HOLD_NS of each drain
+    # wait for the next, so records leave in time order across drains too.
+    HOLD_NS = 5_000_000
+
     def __init__(self, plan, debug=False, ring_mmap=None):
         bcc = import_bcc()
         if not kernel_headers_present():
@@ -1052,6 +1058,7 @@ class Probes:
                               "linux-headers-amd64 and link it there (`sshlog doctor`)"
                               % os.uname().release)
         self.raw = ([], [])               # bcc's reader: records of ctl, of tty
+        self.held = []                    # decoded, kept for the next drain (HOLD_NS)
         self.callback_errors = 0
         self.fill = 0.0                   # the largest share of a ring the last drain freed
         self.decode_errors = 0
@@ -1080,13 +1087,15 @@ class Probes:
             return 0
         return on_record
 
-    def drain(self):
+    def drain(self, final=False):
         """The records submitted so far, decoded, in time order, each
         session's consecutive terminal reads merged (merge_terminal).  A
         ring holds records in the order they were committed, which on
         several CPUs is not quite the order of their times, and the terminal
         ring is read after the control ring (a session's last output would
-        follow its close): a stable sort on the time puts all in order."""
+        follow its close): a stable sort on the time puts all in order.
+        Records younger than HOLD_NS wait for the next drain, unless `final`."""
+        cutoff = time.monotonic_ns() - self.HOLD_NS    # bpf_ktime_get_ns's clock
         ctl, tty = self.raw
         if self.readers:
             ctl_reader, tty_reader = self.readers
@@ -1110,6 +1119,7 @@ class Probes:
             except ValueError as e:
                 errors.append(e)
         ctl.clear()
+        records += self.held
         if spans:
             breaks = {}                   # sess -> times of its control records
             for rec in records:
@@ -1119,6 +1129,11 @@ class Probes:
             records += merged
         if len(records) > 1:
             records.sort(key=_TS_OF)
+        young = len(records)
+        while not final and young and records[young - 1].ts >= cutoff:
+            young -= 1
+        self.held = records[young:]
+        del records[young:]
         if self.readers:
             tty_reader.release(end)
             self.fill = max(ctl_reader.released / ctl_reader.size,
@@ -5256,7 +5271,7 @@ class Daemon:
         self.stopping.set()
         if self.probes:
             try:   # records already in the rings still reach the logs
-                for rec in self.probes.drain():
+                for rec in self.probes.drain(final=True):
                     for ev in self.tracker.handle(rec):
                         self.publish(ev)
             finally:

@@ -5,6 +5,7 @@ import contextlib
 import ctypes
 import mmap
 import struct
+import time
 
 import pytest
 
@@ -160,6 +161,7 @@ def mapped_probes(*rings):
 def unloaded_probes(readers=None, bpf=None):
     probes = object.__new__(sshlog.Probes)       # the BPF side is not loaded here
     probes.raw, probes.readers, probes.bpf = ([], []), readers, bpf
+    probes.held = []
     probes.decode_errors = probes.callback_errors = 0
     probes.fill = 0.0
     return probes
@@ -208,6 +210,25 @@ def test_drain_orders_control_records_committed_out_of_time_order(tmp_path):
         ctl.add(raw)
     with mapped_probes(ctl, tty) as probes:
         assert [r.ts for r in probes.drain()] == [25, 40]
+
+
+def test_drain_holds_the_newest_records_back_for_the_next_drain(tmp_path):
+    """A record stamped first may reach its ring after a drain read a later one (a
+    reservation the control ring refused, taken by the terminal ring): records younger
+    than HOLD_NS wait, so the two leave in time order across drains."""
+    now = time.monotonic_ns()
+    ctl, tty = FakeRing(tmp_path / "ctl"), FakeRing(tmp_path / "tty")
+    ctl.add(exit_record(1, now - 10 ** 9, pid=11))
+    ctl.add(exit_record(1, now, pid=13))                      # young: held back
+    with mapped_probes(ctl, tty) as probes:
+        assert [r.pid for r in probes.drain()] == [11]
+        tty.add(exit_record(1, now - 1000, pid=12))           # stamped before 13, late
+        time.sleep(probes.HOLD_NS / 1e9)
+        assert [r.pid for r in probes.drain()] == [12, 13]
+        ctl.add(exit_record(1, time.monotonic_ns(), pid=14))
+        assert [r.pid for r in probes.drain()] == []
+        assert [r.pid for r in probes.drain(final=True)] == [14]   # at shutdown: all
+        assert probes.held == []
 
 
 def test_the_daemon_drains_sooner_under_ring_pressure_or_for_live_viewers():
