@@ -239,11 +239,11 @@ static __always_inline void *ctl_reserve(u64 size)
  * into the other one when it refuses (see above).  Nonzero: lost. */
 static __always_inline long ring_output(u32 which, void *r, u64 size)
 {
-    u32 zero = 0;
-    u32 *refusing = tty_refusing.lookup(&zero);
-    if (!refusing)
-        return -1;
     if (which) {
+        u32 zero = 0;
+        u32 *refusing = tty_refusing.lookup(&zero);
+        if (!refusing)
+            return -1;
         if (!refuse_now() && !tty.ringbuf_output(r, size, 0)) {
             if (*refusing)
                 *refusing = 0;

@@ -715,6 +715,9 @@ UploadClose = collections.namedtuple("UploadClose", "ts pid sess fd bytes")
 
 _DATA_HEAD = ctypes.sizeof(RecDataHead)
 _TS_OF = operator.attrgetter("ts")
+_STAMP_AT = RecHdr.ts.offset                 # every record's time, from its header
+_STAMP_END = _STAMP_AT + 8
+_STAMP = struct.Struct("@Q")
 _TYPE = struct.Struct("<I")
 # The three records of every command and every pty read are decoded with struct
 # (a ctypes from_buffer_copy costs ~1 us each); tests tie these to the ctypes layouts.
@@ -995,14 +998,16 @@ class RingReader:
         self.data = mmap.mmap(fd, page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ,
                               offset=page)       # the producer's page, then the records
 
-    def spans(self):
+    def spans(self, until=None):
         """Where the records committed so far are: (start, length) of each
         in `self.data`, and the position after them, for release().  Stops
-        at the first record still being written."""
+        at the first record still being written, and at the first stamped at
+        or after `until` (Probes.HOLD_NS): it stays in the ring."""
         pos = self._POS.unpack_from(self.consumer, 0)[0]
         end = self._POS.unpack_from(self.data, 0)[0]
         data, page, mask, unpack = self.data, self.page, self.mask, self._LEN.unpack_from
         busy, flags = self.BUSY, self.BUSY | self.DISCARD
+        stamp, stamp_at = _STAMP.unpack_from, 8 + _STAMP_AT
         found = []
         while pos < end:
             at = page + (pos & mask)
@@ -1012,6 +1017,9 @@ class RingReader:
                     break                 # still being written: the next drain gets it
                 pos += ((length & ~flags) + 15) & ~7      # discarded: skipped
                 continue
+            if until is not None and length >= _STAMP_END and \
+                    stamp(data, at + stamp_at)[0] >= until:
+                break
             found.append((at + 8, length))
             pos += (length + 15) & ~7     # 8-byte header, record padded to 8
         return found, pos
@@ -1048,7 +1056,10 @@ class Probes:
     # A record is stamped before its ring takes it, and one that a ring first
     # refused reaches the other ring a little later: a drain may read records
     # stamped after one still on its way.  The newest HOLD_NS of each drain
-    # wait for the next, so records leave in time order across drains too.
+    # wait for the next, so records leave in time order across drains too:
+    # decoded control records in `held`, terminal records in their ring (a
+    # session's reads are merged, and must not be merged across a read that
+    # is still on its way through the control ring).
     HOLD_NS = 5_000_000
 
     def __init__(self, plan, debug=False, ring_mmap=None):
@@ -1100,15 +1111,19 @@ class Probes:
         if self.readers:
             ctl_reader, tty_reader = self.readers
             ctl_reader.read(ctl)
-            spans, end = tty_reader.spans()
+            spans, end = tty_reader.spans(None if final else cutoff)
             buf = tty_reader.data
         else:
             self.bpf.ring_buffer_consume()
-            buf, spans, at = b"".join(tty), [], 0
-            for raw in tty:
+            ready = len(tty)              # those before the first young one
+            if not final:
+                ready = next((i for i, raw in enumerate(tty) if len(raw) >= _STAMP_END and
+                              _STAMP.unpack_from(raw, _STAMP_AT)[0] >= cutoff), ready)
+            buf, spans, at = b"".join(tty[:ready]), [], 0
+            for raw in tty[:ready]:
                 spans.append((at, len(raw)))
                 at += len(raw)
-            tty.clear()
+            del tty[:ready]
             # each record had an 8-byte header in its ring
             self.fill = max((sum(map(len, ctl)) + 8 * len(ctl)) / (CTL_PAGES * mmap.PAGESIZE),
                             (at + 8 * len(spans)) / (TTY_PAGES * mmap.PAGESIZE))
@@ -1120,8 +1135,8 @@ class Probes:
                 errors.append(e)
         ctl.clear()
         records += self.held
-        if spans:
-            breaks = {}                   # sess -> times of its control records
+        if spans:                         # the terminal ring's young records stay in it
+            breaks = {}                   # sess -> times of its control (and held) records
             for rec in records:
                 breaks.setdefault(rec.sess, []).append(rec.ts)
             merged, bad = merge_terminal(buf, spans, breaks)
@@ -1130,8 +1145,9 @@ class Probes:
         if len(records) > 1:
             records.sort(key=_TS_OF)
         young = len(records)
-        while not final and young and records[young - 1].ts >= cutoff:
-            young -= 1
+        if not final:
+            while young and records[young - 1].ts >= cutoff:
+                young -= 1
         self.held = records[young:]
         del records[young:]
         if self.readers:

@@ -35,7 +35,7 @@ def test_tracked_tree_records_arrive_whole_and_in_order(ring_mmap, commands):
             records += probes.drain()
             time.sleep(0.02)
         time.sleep(0.1)
-        records += probes.drain()
+        records += probes.drain(final=True)
         drops, bad = probes.drops(), probes.decode_errors
         ctl_read = probes.readers[0].spans()[1] if ring_mmap else 0   # bytes consumed
     finally:
@@ -103,7 +103,7 @@ def test_a_refused_record_arrives_through_the_other_ring_in_its_place(sshd, user
         stop.set()
         if thread.is_alive():
             thread.join()
-        for rec in probes.drain():
+        for rec in probes.drain(final=True):
             events.extend(tracker.handle(rec))
         drops, rerouted = probes.drops(), probes.rerouted()
         probes.close()

@@ -184,19 +184,30 @@ def test_drain_reads_both_mapped_rings_in_time_order(tmp_path):
         assert probes.fill == 0
 
 
+class CallbackBpf:
+    """bcc's reader: a C callback per record, for the records `pending` (control,
+    terminal) at the next ring_buffer_consume()."""
+
+    def __init__(self, ctl, tty):
+        self.pending, self.collectors = [ctl, tty], []
+
+    def ring_buffer_consume(self):
+        for collect, records in zip(self.collectors, self.pending):
+            for raw in records:
+                c_copy = ctypes.create_string_buffer(raw, len(raw))
+                collect(None, ctypes.addressof(c_copy), len(raw))
+        self.pending = [[], []]
+
+
+def callback_probes(ctl, tty):
+    bpf = CallbackBpf(ctl, tty)
+    probes = unloaded_probes(bpf=bpf)
+    bpf.collectors = [probes._collector(raw) for raw in probes.raw]
+    return probes
+
+
 def test_drain_with_bccs_reader_gives_the_same_records():
-    class Bpf:                                    # bcc's reader: a C callback per record
-        pending = [CTL, TTY]
-
-        def ring_buffer_consume(self):
-            for collect, records in zip(collectors, self.pending):
-                for raw in records:
-                    c_copy = ctypes.create_string_buffer(raw, len(raw))
-                    collect(None, ctypes.addressof(c_copy), len(raw))
-            self.pending = [[], []]
-
-    probes = unloaded_probes(bpf=Bpf())
-    collectors = [probes._collector(raw) for raw in probes.raw]
+    probes = callback_probes(CTL, TTY)
     assert probes.drain() == DRAINED
     tty_bytes = sum(len(raw) + 8 for raw in TTY)  # the records and their headers
     assert probes.fill == tty_bytes / (sshlog.TTY_PAGES * PAGE)
@@ -229,6 +240,31 @@ def test_drain_holds_the_newest_records_back_for_the_next_drain(tmp_path):
         assert [r.pid for r in probes.drain()] == []
         assert [r.pid for r in probes.drain(final=True)] == [14]   # at shutdown: all
         assert probes.held == []
+
+
+def test_drain_holds_a_sessions_young_reads_behind_a_record_still_on_its_way(tmp_path):
+    """A terminal read the terminal ring refused goes to the control ring; a drain that
+    read the control ring just before it arrived finds the reads around it in the
+    terminal ring.  The younger of those wait, so the late read is not overtaken."""
+    now = time.monotonic_ns()
+    ctl, tty = FakeRing(tmp_path / "ctl"), FakeRing(tmp_path / "tty")
+    tty.add(tty_record(1, b"a", now - 10 ** 9))
+    tty.add(tty_record(1, b"c", now))                        # "b" is on its way
+    with mapped_probes(ctl, tty) as probes:
+        assert [r.data for r in probes.drain()] == [b"a"]
+        ctl.add(tty_record(1, b"b", now - 1000))
+        time.sleep(probes.HOLD_NS / 1e9)
+        assert [r.data for r in probes.drain()] == [b"b", b"c"]
+
+
+def test_bccs_reader_holds_young_terminal_reads_too():
+    now = time.monotonic_ns()
+    probes = callback_probes([], [tty_record(1, b"a", now - 10 ** 9), tty_record(1, b"c", now)])
+    assert [r.data for r in probes.drain()] == [b"a"]
+    probes.bpf.pending = [[tty_record(1, b"b", now - 1000)], []]
+    time.sleep(probes.HOLD_NS / 1e9)
+    assert [r.data for r in probes.drain()] == [b"b", b"c"]
+    assert probes.raw == ([], [])
 
 
 def test_the_daemon_drains_sooner_under_ring_pressure_or_for_live_viewers():
