@@ -5075,12 +5075,14 @@ class Daemon:
     # Seconds between ring-buffer drains.  Every wake-up of the daemon's
     # threads takes a CPU that a busy session may want (an exec storm waits
     # ~15 us more per command at 0.02 s than at 0.1 s, measured as wall time
-    # minus CPU time), and a bigger batch costs less per record; but output
-    # must reach live viewers promptly, and a ring must not fill between two
-    # drains: FAST_TICK while someone watches or attaches, or when the last
-    # drain freed more than RING_PRESSURE of a ring (one flood, ~1.2 MB in
-    # 0.1 s, is above it; an exec storm's ~40 KB is far below).
-    TICK = 0.1
+    # minus CPU time), and a bigger batch costs less per record (the daemon's
+    # CPU per command, 0.1 s -> 0.25 s: -15 %); but output must reach live
+    # viewers promptly, and a ring must not fill between two drains:
+    # FAST_TICK while someone watches or attaches, or when the last drain
+    # freed more than RING_PRESSURE of a ring (a flood, ~3 MB in 0.25 s of
+    # the 8 MiB terminal ring, is above it; an exec storm's ~0.1 MB is far
+    # below).
+    TICK = 0.25
     FAST_TICK = 0.02
     RING_PRESSURE = 1 / 8
 
