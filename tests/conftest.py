@@ -17,6 +17,7 @@ Fixtures (session scope, so one sshd serves the whole run):
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -35,6 +36,11 @@ ROOT_TOOLS = ("ssh", "scp", "sftp", "sshpass", "ssh-keygen", "useradd", "chpassw
 
 
 def pytest_configure(config):
+    # A run started in the background (`make test &`) inherits SIGINT ignored, and
+    # every program the tests start would too: a `watch` stopped with SIGINT would
+    # never exit.  Children get SIGINT's default action, as from a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers", "root: needs euid 0, a real sshd and bcc (skipped otherwise; "
         "fails instead when %s=1)" % REQUIRE_ROOT_ENV)

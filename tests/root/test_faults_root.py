@@ -325,13 +325,6 @@ def socket_users(users):
     shutil.rmtree(key_dir, ignore_errors=True)
 
 
-def _sigint_default():
-    """In a watcher about to exec: Ctrl-C (SIGINT) acts as at a terminal.  A
-    test run started in the background inherits SIGINT ignored, and Python
-    then never turns it into KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def test_socket_permissions(sshd, users, socket_users):
     # a directory everyone may traverse, so that only the socket's own checks decide
     work = tempfile.mkdtemp(prefix="sshlog-perm-")
@@ -369,7 +362,6 @@ def test_socket_permissions(sshd, users, socket_users):
             pw = pwd.getpwnam(MEMBER)
 
             def drop():
-                _sigint_default()
                 os.initgroups(MEMBER, pw.pw_gid)
                 os.setgid(pw.pw_gid)
                 os.setuid(pw.pw_uid)
@@ -408,8 +400,7 @@ def test_hostile_session_data_stays_one_event_per_line(daemon, sshd, users, tmp_
     u = users["sshlogt2"]
     tok = token()
     watchers = [subprocess.Popen(sshlog_argv() + ["watch"] + extra + ["--socket", daemon.socket],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 preexec_fn=_sigint_default)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                 for extra in ([], ["--json"])]
     time.sleep(1.5)
     try:
