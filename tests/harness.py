@@ -981,6 +981,7 @@ class PtySession:
         self._eof = False
         self.last_output: Optional[str] = None
         self.proc: Optional[subprocess.Popen] = None
+        self.launched = time.time()      # its events are stamped later (SshlogDaemon.established)
         argv = ["ssh", "-tt"] + _client_opts(sshd, key or user.key, password is not None) + [
             "-p", str(sshd.port), "-l", user.name, host]
         master, slave = os.openpty()

@@ -4,6 +4,7 @@ The daemon is the real artifact: ./sshlog.pyz when it has been built (make
 test builds it first), else sshlog.py under the distro's python3.  Each
 daemon gets its own config directory, socket and event logs in a temp dir.
 """
+import datetime
 import json
 import os
 import signal
@@ -16,6 +17,12 @@ import harness
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_TRIGGERS = ["connection_established", "connection_auth_failed", "connection_close",
                 "command_start", "command_finish", "file_upload", "terminal_update"]
+
+
+def epoch_seconds(rfc3339):
+    """An event's "timestamp" (2026-11-28T16:03:24.123456Z) in seconds since the epoch."""
+    t = datetime.datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return t.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
 def sshlog_argv():
@@ -112,6 +119,17 @@ class SshlogDaemon:
             self._events.append(json.loads(line))
         self._seen += end
         return list(self._events)
+
+    def established(self, session, tty, timeout=15):
+        """The connection_established event of PtySession `session` (on pty `tty`): the
+        first for its user and pty stamped after its client was launched.  An earlier
+        session may have had the same user and pty number, and its event is in the log
+        already while this one's may not be yet."""
+        def ours(e):
+            return (e["event_type"] == "connection_established" and e["tty_id"] == tty
+                    and e["username"] == session.user.name
+                    and epoch_seconds(e["timestamp"]) >= session.launched - 0.1)
+        return self.wait_events(ours, timeout=timeout)[0]
 
     def wait_events(self, pred, count=1, timeout=15):
         """Wait until at least `count` events satisfy `pred`; return them."""

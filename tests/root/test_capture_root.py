@@ -34,8 +34,7 @@ def test_pty_login_established_commands_and_close(daemon, target):
     with harness.PtySession(sshd, u) as s:
         tty = s.tty_name()
         assert s.run("/bin/echo %s" % tok) == 0
-        est = daemon.wait_events(lambda e: e["event_type"] == "connection_established"
-                                 and e["tty_id"] == tty and e["username"] == u.name)[-1]
+        est = daemon.established(s, tty)
     ptm = est["ptm_pid"]
     close = daemon.wait_events(lambda e: e["event_type"] == "connection_close"
                                and e["ptm_pid"] == ptm)[0]
@@ -205,8 +204,7 @@ def test_terminal_stream_is_complete(daemon, target):
         assert s.run("seq 1 30000", timeout=30) == 0
         time.sleep(0.5)
         shown = s.output[start:]
-    est = daemon.wait_events(lambda e: e["event_type"] == "connection_established"
-                             and e["tty_id"] == tty and e["username"] == u.name)[-1]
+    est = daemon.established(s, tty)
     daemon.wait_events(lambda e: e["event_type"] == "connection_close"
                        and e["ptm_pid"] == est["ptm_pid"])
     stream = "".join(e["terminal_data"] for e in daemon.session_events(est["ptm_pid"])

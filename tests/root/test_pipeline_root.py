@@ -177,8 +177,7 @@ def story(pdaemon, sinks, sshd, users):
             s.expect(s.PROMPT)
     finally:
         os.unlink(SUDOERS)
-    est = pdaemon.wait_events(lambda e: e["event_type"] == "connection_established"
-                              and e["tty_id"] == tty and e["username"] == u.name)[-1]
+    est = pdaemon.established(s, tty)
     pdaemon.wait_events(lambda e: e["event_type"] == "connection_close"
                         and e["ptm_pid"] == est["ptm_pid"], timeout=20)
     failed = pdaemon.wait_events(lambda e: e["event_type"] == "connection_auth_failed"

@@ -64,10 +64,9 @@ def rdaemon(tmp_path_factory, sshd, users):
     assert d.stop() == 0, d.stderr_text()
 
 
-def finished(daemon, tty, user, timeout=30):
-    """(established, close) events of the session on `tty`, once it has closed."""
-    est = daemon.wait_events(lambda e: e["event_type"] == "connection_established"
-                             and e["tty_id"] == tty and e["username"] == user)[-1]
+def finished(daemon, session, tty, timeout=30):
+    """(established, close) events of PtySession `session` (on `tty`), once it has closed."""
+    est = daemon.established(session, tty)
     close = daemon.wait_events(lambda e: e["event_type"] == "connection_close"
                                and e["ptm_pid"] == est["ptm_pid"], timeout=timeout)[0]
     return est, close
@@ -139,7 +138,7 @@ def test_interactive_session_recorded_byte_for_byte(rdaemon, target):
         s.sendline("exit")
         s.wait(15)
         client = s.output
-    est, close = finished(rdaemon, tty, u.name)
+    est, close = finished(rdaemon, s, tty)
     header, events, text = recording(rdaemon, est["ptm_pid"])
     recorded = output(events)
     assert server_part(client, recorded) == recorded, "every byte, in order, nothing more"
@@ -179,7 +178,7 @@ def test_utf8_split_across_reads_stays_whole(rdaemon, sshd, users):
         # the euro sign's three bytes in two writes, half a second apart: two reads
         assert s.run("printf 'A\\342\\202'; sleep 0.5; printf '\\254B\\n'; "
                      "printf 'bad \\377 byte\\n'") == 0
-    est, _ = finished(rdaemon, tty, u.name)
+    est, _ = finished(rdaemon, s, tty)
     _, events, text = recording(rdaemon, est["ptm_pid"])
     outs = [e[2] for e in events if e[1] == "o"]
     assert "A\u20acB\r\n" in "".join(outs)
@@ -216,7 +215,7 @@ def test_sudo_password_is_never_recorded(rdaemon, sshd, users):
             s.expect(s.PROMPT)
     finally:
         os.unlink(SUDOERS)
-    est, _ = finished(rdaemon, tty, u.name)
+    est, _ = finished(rdaemon, s, tty)
     _, events, _ = recording(rdaemon, est["ptm_pid"])
     typed = output(events, "i")
     assert seen.encode() in typed, "input typed with ECHO on is recorded"
@@ -244,7 +243,7 @@ def test_flood_is_recorded_whole(rdaemon, sshd, users):
         s.sendline("exit")
         s.wait(30)
         client = s.output
-    est, _ = finished(rdaemon, tty, u.name, timeout=120)
+    est, _ = finished(rdaemon, s, tty, timeout=120)
     _, events, text = recording(rdaemon, est["ptm_pid"], timeout=120)
     after = rdaemon.status()
     recorded = output(events)
@@ -262,7 +261,7 @@ def test_size_cap_stops_the_recording_with_a_marker(rdaemon, sshd, users):
     with harness.PtySession(sshd, u) as s:
         tty = s.tty_name()
         assert s.run("seq 1 200000", timeout=60) == 0       # 1.3 MB on the screen
-    est, _ = finished(rdaemon, tty, u.name)
+    est, _ = finished(rdaemon, s, tty)
     _, events, text = recording(rdaemon, est["ptm_pid"], kind="capped")
     base = os.path.join(rdaemon.dir, "capped", "ssh_%d" % est["ptm_pid"])
     for ext in ("log", "cast"):
@@ -320,7 +319,7 @@ def test_terminal_loss_is_marked_where_it_happened(tmp_path, sshd, users):
             s.sendline("exit")
             s.wait(30)
             client = s.output
-        est, _ = finished(d, tty, u.name, timeout=120)
+        est, _ = finished(d, s, tty, timeout=120)
         _, events, text = recording(d, est["ptm_pid"], timeout=120)
         st = d.status()
     finally:
