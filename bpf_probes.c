@@ -156,8 +156,8 @@ struct fd_val { u32 kind; u32 pad; u64 bytes; };
 struct peer { u16 family; u16 port; u8 addr[16]; };
 
 /* a syscall's arguments kept from enter to exit, per thread; `what` says
- * which syscall left it, so a stale stash (a failed clone) is never misread */
-enum stash_what { ST_ACCEPT = 1, ST_CLONE, ST_DUP, ST_SOCKET };
+ * which syscall left it, so a stale stash (a failed accept) is never misread */
+enum stash_what { ST_ACCEPT = 1, ST_DUP, ST_SOCKET };
 struct stash { u64 ptr; u64 arg; u32 what; u32 fd; };
 
 BPF_HASH(tracked, u32, struct proc, TRACK_MAX);
@@ -565,23 +565,24 @@ TRACEPOINT_PROBE(syscalls, sys_exit_accept4) { return accept_exit(args->ret); }
 
 /* ---- process tree ---- */
 
-TRACEPOINT_PROBE(syscalls, sys_enter_clone)
+/* The clone flags, read at sched_process_fork from the parent's saved user
+ * registers (x86_64 pt_regs: orig_ax at 120, di at 112): clone() passes them
+ * in di, clone3() the address of its clone_args, whose first u64 they are
+ * (the kernel has just copied it, so it is resident).  No entry program on
+ * clone and no stash: fork(), vfork() and the kernel's own (io_uring) threads
+ * read as 0, a new process, as before. */
+#define NR_CLONE 56
+#define NR_CLONE3 435
+static __always_inline u64 clone_flags(void)
 {
-    u32 tgid;
-    if (current_proc(&tgid))
-        stash_put(ST_CLONE, 0, args->clone_flags, 0);
-    return 0;
-}
-
-TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
-{
-    u32 tgid;
-    u64 flags = 0;
-    if (!current_proc(&tgid))
-        return 0;
-    bpf_probe_read_user(&flags, sizeof(flags), args->uargs);
-    stash_put(ST_CLONE, 0, flags, 0);
-    return 0;
+    u64 regs = user_regs(), nr = 0, arg0 = 0, flags = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), (void *)(regs + 120));
+    bpf_probe_read_kernel(&arg0, sizeof(arg0), (void *)(regs + 112));
+    if (nr == NR_CLONE)
+        return arg0;
+    if (nr == NR_CLONE3)
+        bpf_probe_read_user(&flags, sizeof(flags), (void *)arg0);
+    return flags;
 }
 
 TRACEPOINT_PROBE(sched, sched_process_fork)
@@ -590,9 +591,7 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
     struct proc *pp = current_proc(&parent);
     if (!pp)
         return 0;
-    struct stash s = {};
-    stash_take(ST_CLONE, &s);
-    if (s.arg & CLONE_THREAD)
+    if (clone_flags() & CLONE_THREAD)
         return 0;              /* a thread: its tgid is tracked already */
     u32 child = args->child_pid;
     struct proc c = {.ppid = parent, .status = -1};
