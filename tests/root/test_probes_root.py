@@ -124,3 +124,61 @@ def test_a_refused_record_arrives_through_the_other_ring_in_its_place(sshd, user
             and e.argv[1:2] and e.argv[1].startswith("reroute-")] == loop
     assert [e.argv[1] for e in mine if e.type == "command_finish"
             and e.argv[1:2] and e.argv[1].startswith("reroute-")] == loop
+
+
+THREADS_SCRIPT = r"""
+import os, subprocess, sys, threading
+sys.stdin.readline()
+def worker(n):
+    if n == 0:
+        subprocess.run(["/bin/echo", "child-0"])                  # vfork()
+    elif n == 1:
+        pid = os.posix_spawn("/bin/echo", ["/bin/echo", "child-1"], {})   # clone3(), no thread
+        os.waitpid(pid, 0)
+    else:
+        pid = os.fork()                                            # clone()
+        if pid == 0:
+            os.execv("/bin/echo", ["/bin/echo", "child-2"])
+        os.waitpid(pid, 0)
+    os.write(1, b"tid %d\n" % threading.get_native_id())      # one write: threads race
+    sys.stdin.readline()
+threads = [threading.Thread(target=worker, args=(n,)) for n in range(3)]   # clone3() threads
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def test_threads_are_not_tracked_as_processes_and_their_children_are():
+    """The clone flags are read at sched_process_fork from the parent's saved
+    registers: threads (clone3 with CLONE_THREAD) get no entry of their own,
+    while processes started from a thread by vfork(), posix_spawn() (clone3)
+    and fork() (clone) are tracked and report their commands and exits."""
+    probes = sshlog.Probes(sshlog.probe_plan())
+    try:
+        child = subprocess.Popen(["/usr/bin/python3", "-c", THREADS_SCRIPT],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        probes.track(child.pid, child.pid, 0, sshlog.F_USER)
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        tids = []
+        while len(tids) < 3:
+            line = child.stdout.readline()
+            assert line, "the script ended early"
+            if line.startswith(b"tid "):
+                tids.append(int(line.split()[1]))
+        tracked = {k.value for k in probes.bpf["tracked"].keys()}
+        child.stdin.write(b"\n\n\n")
+        child.stdin.close()
+        assert child.wait(30) == 0
+        time.sleep(0.1)
+        records = probes.drain(final=True)
+    finally:
+        probes.close()
+    assert child.pid in tracked and not tracked & set(tids), (child.pid, tids, tracked)
+    execs = [r for r in records if isinstance(r, sshlog.Exec) and r.sess == child.pid
+             and r.filename == "/bin/echo"]
+    assert sorted(r.argv for r in execs) == [("/bin/echo", "child-%d" % n) for n in range(3)]
+    exits = {r.pid: r.status for r in records if isinstance(r, sshlog.Exit)}
+    assert all(exits.get(r.pid) == 0 for r in execs), (exits, execs)
