@@ -197,6 +197,11 @@ def settle(daemon=None, timeout=20.0):
     neither is charged to the next part."""
     if daemon is not None:
         deadline = time.monotonic() + timeout
+        # the conversion starts once the session has been quiet a while (QUIET, then the
+        # flusher's next tick): an idle CPU before then says nothing, so wait for it first
+        while time.monotonic() < deadline and any(
+                a.get("unconverted_bytes") for a in daemon.status()["actions"].values()):
+            time.sleep(0.1)
         used = cpu_seconds(daemon.proc.pid)
         while time.monotonic() < deadline:
             time.sleep(0.3)
