@@ -200,7 +200,7 @@ def settle(daemon=None, timeout=20.0):
         # the conversion starts once the session has been quiet a while (QUIET, then the
         # flusher's next tick): an idle CPU before then says nothing, so wait for it first
         while time.monotonic() < deadline and any(
-                a.get("unconverted_bytes") for a in daemon.status()["actions"].values()):
+                a.get("unconverted_bytes") for a in daemon.api("status")["actions"].values()):
             time.sleep(0.1)
         used = cpu_seconds(daemon.proc.pid)
         while time.monotonic() < deadline:
@@ -215,7 +215,7 @@ def settle(daemon=None, timeout=20.0):
 
 def captured_bytes(daemon, user):
     time.sleep(0.5)
-    rows = json.loads(daemon.cli("sessions", "--json").stdout)["sessions"]
+    rows = daemon.api("sessions")["sessions"]
     return sum(r["terminal_bytes"] for r in rows if r["username"] == user.name)
 
 
@@ -223,7 +223,7 @@ def losses(daemon):
     """(terminal bytes the daemon counted lost, BPF tty records it counted dropped).  Bytes
     lost after a stream's last record are counted at the session's close, later than a
     flood's check: the prompt's output after the flood carries a flood's loss in time."""
-    st = daemon.status()
+    st = daemon.api("status")
     return st.get("terminal_lost_bytes", 0), st["bpf_drops"].get("tty", 0)
 
 
@@ -416,7 +416,7 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
             if bad:
                 line.append("(%d with a wrong exit code)" % bad)
             if got < want:      # late, or lost? wait longer and say which
-                st = daemon.status()
+                st = daemon.api("status")
                 later, _ = count_finished(daemon, tag, want, timeout=30, settle=15)
                 line.append("(only %d/%d logged at first, %d after 15 s more; daemon: bpf "
                             "drops %s, decode errors %s, actions %s)" % (
@@ -564,7 +564,7 @@ def main():
                     foreign.sample(daemon)
                     if daemon:
                         rss_end.append(status_kb(daemon.proc.pid, "VmHWM") / 1024.0)
-                        st = daemon.status()
+                        st = daemon.api("status")
                         drops.append(st["bpf_drops"])
                         rerouted.append(st.get("bpf_rerouted", {}))
                         line.append("peak RSS %.0f MB" % rss_end[-1])

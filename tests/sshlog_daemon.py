@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,6 +107,21 @@ class SshlogDaemon:
 
     def status(self):
         return json.loads(self.cli("status", "--json").stdout)
+
+    def api(self, cmd, timeout=20):
+        """The daemon's answer to {"cmd": cmd} (what `sshlog CMD --json` prints), asked
+        over its socket from this process: no client process started.  The bench asks
+        between timed parts, and a Python process started and ended just before a part
+        slowed that part in the daemon's blocks only."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket)
+            sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
+            with sock.makefile("rb") as f:
+                reply = json.loads(f.readline())
+        if not reply.get("ok"):
+            raise AssertionError("sshlog API %s: %s" % (cmd, reply))
+        return reply["data"]
 
     def events(self):
         """Every event logged so far (JSON log), parsed; each line must parse."""
