@@ -1,7 +1,7 @@
 /*
  * bpf_probes.c - kernel side of sshlog (loaded by bcc from sshlog.py).
  *
- * Tracepoints only (syscalls:*, sched:*): kprobes and fentry are not
+ * Tracepoints only (syscalls:*, sched:*, sock:*): kprobes and fentry are not
  * available everywhere.  No kernel struct is read through header offsets;
  * the one struct field used (task_struct.exit_code) arrives as -DOFF_EXIT_CODE
  * taken from /sys/kernel/btf/vmlinux at start-up.
@@ -60,12 +60,15 @@ struct rec_hdr {          /* 24 bytes, first in every record */
     u64 ts;               /* bpf_ktime_get_ns() */
 };
 
-struct rec_connect {
+struct rec_connect {      /* 72 bytes */
     struct rec_hdr h;
     u32 listener;
     u16 family;
-    u16 port;             /* host order */
+    u16 port;             /* host order: the client's */
     u8 addr[16];
+    u8 server_addr[16];   /* our end, of the client's family */
+    u16 server_port;      /* host order; 0 when not seen */
+    u16 pad[3];
 };
 
 #define FNAME_CAP 256
@@ -163,6 +166,7 @@ struct stash { u64 ptr; u64 arg; u32 what; u32 fd; };
 BPF_HASH(tracked, u32, struct proc, TRACK_MAX);
 BPF_HASH(fds, struct fd_key, struct fd_val, 16384);
 BPF_TABLE("lru_hash", u32, struct peer, peers, 1024);      /* listener -> last accepted peer */
+BPF_TABLE("lru_hash", struct peer, struct peer, servers, 1024); /* client -> our end */
 BPF_TABLE("lru_hash", u64, struct stash, stashes, 16384);  /* pid_tgid -> syscall args */
 BPF_ARRAY(drops, u64, 2);                          /* [0] ctl, [1] tty */
 BPF_ARRAY(rerouted, u64, 2);       /* records of [0] ctl, [1] tty the other ring took */
@@ -182,6 +186,9 @@ BPF_RINGBUF_OUTPUT(tty, TTY_PAGES);
 #define AF_INET 2
 #define AF_INET6 10
 #define AF_NETLINK 16
+#define PROTO_TCP 6
+#define TCP_ESTABLISHED 1
+#define TCP_SYN_RECV 3
 #define NETLINK_AUDIT 9
 
 /* ---- helpers ---- */
@@ -558,6 +565,31 @@ static __always_inline int accept_exit(long ret)
     return 0;
 }
 
+/* Our end of a connection is not in accept()'s result, and a short session's
+ * sockets are gone before the daemon could read them from /proc: a passive
+ * TCP open reaching ESTABLISHED (before accept() can return it) leaves its
+ * local address under the client's, for the connection record.  Other
+ * services' connections age out of the LRU. */
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->newstate != TCP_ESTABLISHED || args->oldstate != TCP_SYN_RECV
+        || args->protocol != PROTO_TCP)
+        return 0;
+    struct peer client = {.family = args->family, .port = args->dport};
+    struct peer server = {.family = args->family, .port = args->sport};
+    if (args->family == AF_INET) {
+        __builtin_memcpy(client.addr, args->daddr, 4);
+        __builtin_memcpy(server.addr, args->saddr, 4);
+    } else if (args->family == AF_INET6) {
+        __builtin_memcpy(client.addr, args->daddr_v6, 16);
+        __builtin_memcpy(server.addr, args->saddr_v6, 16);
+    } else {
+        return 0;
+    }
+    servers.update(&client, &server);
+    return 0;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_accept) { return accept_enter(args->upeer_sockaddr); }
 TRACEPOINT_PROBE(syscalls, sys_enter_accept4) { return accept_enter(args->upeer_sockaddr); }
 TRACEPOINT_PROBE(syscalls, sys_exit_accept) { return accept_exit(args->ret); }
@@ -606,16 +638,24 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
         }
         fill_hdr(&r->h, REC_CONNECT, child, child);
         r->listener = parent;
+        r->family = 0;
+        r->port = 0;
+        __builtin_memset(r->addr, 0, 16);
+        __builtin_memset(r->server_addr, 0, 16);
+        r->server_port = 0;
+        __builtin_memset(r->pad, 0, sizeof(r->pad));
         struct peer *p = peers.lookup(&parent);
         if (p) {
             r->family = p->family;
             r->port = p->port;
             __builtin_memcpy(r->addr, p->addr, 16);
+            struct peer *srv = servers.lookup(p);
+            if (srv) {
+                r->server_port = srv->port;
+                __builtin_memcpy(r->server_addr, srv->addr, 16);
+                servers.delete(p);
+            }
             peers.delete(&parent);
-        } else {
-            r->family = 0;
-            r->port = 0;
-            __builtin_memset(r->addr, 0, 16);
         }
         ctl.ringbuf_submit(r, 0);
         return 0;

@@ -634,7 +634,9 @@ class RecHdr(ctypes.Structure):
 
 class RecConnect(ctypes.Structure):
     _fields_ = [("h", RecHdr), ("listener", ctypes.c_uint32), ("family", ctypes.c_uint16),
-                ("port", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16)]
+                ("port", ctypes.c_uint16), ("addr", ctypes.c_uint8 * 16),
+                ("server_addr", ctypes.c_uint8 * 16), ("server_port", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16 * 3)]
 
 
 _EXEC_HEAD_FIELDS = [("h", RecHdr), ("ppid", ctypes.c_uint32), ("uid", ctypes.c_uint32),
@@ -704,7 +706,8 @@ class FdVal(ctypes.Structure):
 
 
 # Decoded records: plain tuples, built by decode_record().
-Connect = collections.namedtuple("Connect", "ts pid sess listener ip port")
+Connect = collections.namedtuple("Connect", "ts pid sess listener ip port server_ip server_port",
+                                 defaults=("", 0))
 Exec = collections.namedtuple("Exec", "ts pid sess ppid uid filename argv truncated")
 Exit = collections.namedtuple("Exit", "ts pid sess status flags")
 Value = collections.namedtuple("Value", "type ts pid sess value fd")
@@ -775,7 +778,9 @@ def decode_record(raw):
     h = RecHdr.from_buffer_copy(raw[:ctypes.sizeof(RecHdr)])
     if t == REC_CONNECT:
         r = _need(raw, RecConnect)
-        return Connect(h.ts, h.pid, h.sess, r.listener, _ip_text(r.family, r.addr), r.port)
+        server_ip = _ip_text(r.family, r.server_addr) if r.server_port else ""
+        return Connect(h.ts, h.pid, h.sess, r.listener, _ip_text(r.family, r.addr), r.port,
+                       server_ip, r.server_port)
     if t in (REC_SETUID, REC_PTY, REC_TTY_LOSS):
         r = _need(raw, RecU32)
         return Value(t, h.ts, h.pid, h.sess, r.value, r.fd)
@@ -1453,16 +1458,19 @@ class Tracker:
         if root is None:
             root = self.roots[rec.listener] = self.root_of(rec.listener)
         s = Session(ptm_pid=rec.pid, session_id=self.session_id(rec.pid, rec.ts), start=ts,
-                    listener=rec.listener, root=root, client_ip=rec.ip, client_port=rec.port)
-        self._find_server_address(s)
+                    listener=rec.listener, root=root, client_ip=rec.ip, client_port=rec.port,
+                    server_ip=rec.server_ip, server_port=rec.server_port)
+        if not s.server_port:
+            self._find_server_address(s)
         with self.lock:
             self.live[rec.pid] = s
         return []
 
     def _find_server_address(self, s):
-        """Our end of the connection, from the monitor's socket.  Looked up at
-        the connection and again at login: OpenSSH >= 9.8 re-execs the monitor,
-        and during that exec its fds cannot be read."""
+        """Our end of the connection, from the monitor's socket, when the
+        connection record lacks it.  Looked up at the connection and again at
+        login: OpenSSH >= 9.8 re-execs the monitor, and during that exec its
+        fds cannot be read."""
         for local, remote in socket_addresses(s.ptm_pid, self.proc):
             if remote == (s.client_ip, s.client_port):
                 s.server_ip, s.server_port = local

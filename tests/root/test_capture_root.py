@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import time
 import uuid
@@ -169,6 +170,22 @@ def test_ipv6_client(daemon, target):
     fin = finish_of(daemon, tok)
     assert fin["client_ip"] == "::1" and fin["server_ip"] == "::1"
     assert fin["server_port"] == sshd.port
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_session_read_after_it_ended_keeps_the_server_address(daemon, target, host):
+    # the daemon stopped while the whole session runs: its sockets are gone from
+    # /proc when the records are read, so our end must come from the kernel
+    sshd, users = target.sshd, target.users
+    tok = token()
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        harness.ssh_run(sshd, users["sshlogt1"], "/bin/echo %s" % tok, host=host)
+        time.sleep(0.5)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    fin = finish_of(daemon, tok)
+    assert (fin["client_ip"], fin["server_ip"], fin["server_port"]) == (host, host, sshd.port)
 
 
 def test_sudo_in_session(daemon, sshd, users):

@@ -22,7 +22,8 @@ EXPECTED_SIZES = [
     # rec_hdr: type, pid, sess, len (4 x u32) + ts (u64)
     (sshlog.RecHdr, 4 * 4 + 8),                                       # 24
     # rec_connect: hdr + listener u32 + family u16 + port u16 + addr u8[16]
-    (sshlog.RecConnect, 24 + 4 + 2 + 2 + 16),                         # 48
+    #              + server_addr u8[16] + server_port u16 + pad u16[3]
+    (sshlog.RecConnect, 24 + 4 + 2 + 2 + 16 + 16 + 2 + 6),            # 72
     # rec_exec: hdr + ppid + uid + argc u16 + truncated u16 + fname_len u32
     #           + fname[FNAME_CAP 256] + argv[ARGV_CAP + LAST_ARG_CAP]
     (sshlog.RecExec, 24 + 4 + 4 + 2 + 2 + 4 + 256 + (ARGV_CAP + 256)),  # 8744 with ARGV_CAP 8192
@@ -91,6 +92,7 @@ OFFSETS = [
     (sshlog.RecHdr, "type", 0), (sshlog.RecHdr, "len", 12), (sshlog.RecHdr, "ts", 16),
     (sshlog.RecConnect, "listener", 24), (sshlog.RecConnect, "family", 28),
     (sshlog.RecConnect, "port", 30), (sshlog.RecConnect, "addr", 32),
+    (sshlog.RecConnect, "server_addr", 48), (sshlog.RecConnect, "server_port", 64),
     (sshlog.RecExec, "ppid", 24), (sshlog.RecExec, "uid", 28), (sshlog.RecExec, "argc", 32),
     (sshlog.RecExec, "truncated", 34), (sshlog.RecExec, "fname_len", 36),
     (sshlog.RecExec, "fname", 40),                       # 24 + 4 + 4 + 2 + 2 + 4
@@ -185,8 +187,9 @@ def hdr(rtype, pid=1805, sess=2062, length=0, ts=123456789):
     return struct.pack("<IIIIQ", rtype, pid, sess, length, ts)
 
 
-def rec_connect(family, addr, port=52566, listener=700):
-    return hdr(sshlog.REC_CONNECT) + struct.pack("<IHH16s", listener, family, port, addr)
+def rec_connect(family, addr, port=52566, listener=700, server_addr=b"", server_port=0):
+    return hdr(sshlog.REC_CONNECT) + struct.pack("<IHH16s16sH6x", listener, family, port, addr,
+                                                 server_addr, server_port)
 
 
 def rec_exec(argv_blob, argc, truncated=0, fname=b"/usr/bin/id", argv_cap=ARGV_CAP,
@@ -203,7 +206,17 @@ def rec_data(rtype, data, cap, fd=9):
 def test_connect_ipv4():
     raw = rec_connect(socket.AF_INET, socket.inet_aton("211.249.71.117"))
     assert sshlog.decode_record(raw) == sshlog.Connect(
-        ts=123456789, pid=1805, sess=2062, listener=700, ip="211.249.71.117", port=52566)
+        ts=123456789, pid=1805, sess=2062, listener=700, ip="211.249.71.117", port=52566,
+        server_ip="", server_port=0)
+
+
+def test_connect_carries_our_end_when_the_kernel_saw_it():
+    raw = rec_connect(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "2001:db8::7"), 40022,
+                      server_addr=socket.inet_pton(socket.AF_INET6, "2001:db8::1"),
+                      server_port=22)
+    rec = sshlog.decode_record(raw)
+    assert (rec.ip, rec.port, rec.server_ip, rec.server_port) == (
+        "2001:db8::7", 40022, "2001:db8::1", 22)
 
 
 def test_connect_ipv6():

@@ -464,6 +464,15 @@ def test_server_address_from_the_monitors_socket(world, client, server):
     assert (est.client_ip, est.client_port) == (shown.get(client[0], client[0]), client[1])
 
 
+def test_server_address_from_the_connection_record_needs_no_proc(world):
+    # a short session: its processes are gone when the daemon reads the records
+    tracker, _proc, _root = world
+    rec = connect(1, ip="2001:db8::7", port=40022)._replace(server_ip="2001:db8::1",
+                                                             server_port=2222)
+    est = feed(tracker, rec, exec_(2, 2070, ["-bash"], filename="/bin/bash"))[0]
+    assert (est.server_ip, est.server_port, est.client_ip) == ("2001:db8::1", 2222, "2001:db8::7")
+
+
 # ---------------------------------------------------------------------------------------
 # Sessions open before the daemon started (/proc discovery).
 
