@@ -29,7 +29,7 @@
  *   HAVE_GROUP_DEAD        sched_process_exit has group_dead (kernel >= 6.x)
  *   OFF_EXIT_CODE          offset of task_struct.exit_code (optional)
  *   TRACK_MAX              capacity of the tracked-process table
- *   REFUSE_EVERY           tests only: every Nth first try at a ring fails,
+ *   REFUSE_EVERY           tests only: every Nth first try at each ring fails,
  *                          to exercise the reroute (0 = never; the default)
  */
 #include <uapi/linux/ptrace.h>
@@ -218,22 +218,24 @@ static __always_inline void count_rerouted(int ring)
 #define REFUSE_EVERY 0
 #endif
 #if REFUSE_EVERY
-BPF_ARRAY(refuse_tick, u64, 1);
-static __always_inline int refuse_now(void)
+/* counted per ring: with one count for both, a terminal record's refusal could
+ * fall on the next terminal record too whenever REFUSE_EVERY - 1 control records
+ * came between them, and that one is lost by design (see above) */
+BPF_ARRAY(refuse_tick, u64, 2);
+static __always_inline int refuse_now(u32 ring)
 {
-    u32 zero = 0;
-    u64 *t = refuse_tick.lookup(&zero);
+    u64 *t = refuse_tick.lookup(&ring);
     return t && __sync_fetch_and_add(t, 1) % REFUSE_EVERY == REFUSE_EVERY - 1;
 }
 #else
-#define refuse_now() 0
+#define refuse_now(ring) 0
 #endif
 
 /* Space for a control record of constant `size`: in the control ring, or
  * when it refuses, in the terminal ring (its reader passes such records on). */
 static __always_inline void *ctl_reserve(u64 size)
 {
-    void *r = refuse_now() ? NULL : ctl.ringbuf_reserve(size);
+    void *r = refuse_now(0) ? NULL : ctl.ringbuf_reserve(size);
     if (!r) {
         r = tty.ringbuf_reserve(size);
         if (r)
@@ -251,7 +253,7 @@ static __always_inline long ring_output(u32 which, void *r, u64 size)
         u32 *refusing = tty_refusing.lookup(&zero);
         if (!refusing)
             return -1;
-        if (!refuse_now() && !tty.ringbuf_output(r, size, 0)) {
+        if (!refuse_now(1) && !tty.ringbuf_output(r, size, 0)) {
             if (*refusing)
                 *refusing = 0;
             return 0;
@@ -262,7 +264,7 @@ static __always_inline long ring_output(u32 which, void *r, u64 size)
         if (ctl.ringbuf_output(r, size, 0))
             return -1;
     } else {
-        if (!refuse_now() && !ctl.ringbuf_output(r, size, 0))
+        if (!refuse_now(0) && !ctl.ringbuf_output(r, size, 0))
             return 0;
         if (tty.ringbuf_output(r, size, 0))
             return -1;

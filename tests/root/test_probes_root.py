@@ -72,7 +72,7 @@ def test_tracked_tree_records_arrive_whole_and_in_order(ring_mmap, commands):
 
 
 def test_a_refused_record_arrives_through_the_other_ring_in_its_place(sshd, users):
-    """Every 7th first try at a ring refused (-DREFUSE_EVERY=7, a test-only
+    """Every 7th first try at each ring refused (-DREFUSE_EVERY=7, a test-only
     parameter): each such record is taken by the other ring, and the reader
     puts it back in its place.  A flood's terminal stream arrives whole and in
     order; a command loop's commands all start and finish, in order."""
