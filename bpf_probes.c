@@ -638,14 +638,9 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
             count_drop(0);
             return 0;
         }
+        __builtin_memset(r, 0, sizeof(*r));   /* no peer seen: no addresses */
         fill_hdr(&r->h, REC_CONNECT, child, child);
         r->listener = parent;
-        r->family = 0;
-        r->port = 0;
-        __builtin_memset(r->addr, 0, 16);
-        __builtin_memset(r->server_addr, 0, 16);
-        r->server_port = 0;
-        __builtin_memset(r->pad, 0, sizeof(r->pad));
         struct peer *p = peers.lookup(&parent);
         if (p) {
             r->family = p->family;
