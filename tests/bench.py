@@ -23,6 +23,9 @@ Medians and on/off ratios of:
   daemon          start time (until the socket answers), RSS after start and at the end of a
                   block, idle CPU over I seconds with no session       budget: < 0.5 % of a core
   report          `sshlog report` over a generated event log of E events (no root needed)
+  own cost        per part, what the daemon itself spent: its BPF programs' run time (from
+                  kernel.bpf_stats_enabled, on during the unbudgeted first storm and flood
+                  only) and its CPU time during and after the part
 
 Each timed part is short (2-4 s), this VM's timings swing ~10 % from one sample to the next,
 and its speed drifts over minutes: the off and on samples are taken in pairs, a minute
@@ -37,6 +40,7 @@ the daemon with the text event log alone.  Other load on the machine is reported
 average before and after): measure on a quiet machine.
 """
 import argparse
+import collections
 import json
 import os
 import random
@@ -140,6 +144,81 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+def bpf_stats(on):
+    """Turn the kernel's per-program run time accounting on or off.  It costs two clock
+    reads per program run, so it is on only for the parts that are not budgeted."""
+    with open(BPF_STATS, "w") as f:
+        f.write("1" if on else "0")
+
+
+def bpf_run_ns(pid):
+    """Nanoseconds our daemon's BPF programs have run (with bpf_stats on), from the
+    fdinfo of its program fds."""
+    total, d = 0, "/proc/%d/fdinfo" % pid
+    for fd in os.listdir(d):
+        try:
+            with open(os.path.join(d, fd)) as f:
+                text = f.read()
+        except OSError:
+            continue
+        m = re.search(r"^run_time_ns:\s*(\d+)", text, re.M)
+        if m and re.search(r"^prog_id:", text, re.M):
+            total += int(m.group(1))
+    return total
+
+
+class OwnCost:
+    """What the daemon itself spends on one timed part: its CPU seconds while the part
+    runs and until it is idle again (a flood's tail is drained, and its recording
+    converted, after the part), and, on the parts with bpf_stats on, its BPF programs'
+    run time, which is spent in the sessions' own processes."""
+
+    def __init__(self, daemon, with_bpf=False):
+        self.daemon, self.with_bpf = daemon, with_bpf and daemon is not None
+
+    def __enter__(self):
+        if self.daemon is not None:
+            if self.with_bpf:
+                bpf_stats(True)
+                self.bpf0 = bpf_run_ns(self.daemon.proc.pid)
+            self.cpu0 = thread_cpu_seconds(self.daemon.proc.pid)
+        return self
+
+    def __exit__(self, *exc):
+        if self.daemon is not None:
+            self.during = thread_cpu_seconds(self.daemon.proc.pid) - self.cpu0
+            if self.with_bpf:
+                self.bpf = (bpf_run_ns(self.daemon.proc.pid) - self.bpf0) / 1e9
+                bpf_stats(False)
+
+    def record(self, res, key):
+        """After the part: wait for the daemon to be idle, then file its cost under key."""
+        if self.daemon is None:
+            return
+        settle_daemon(self.daemon)
+        on = res["on"]
+        on[key + "_daemon_cpu"].append(self.during)
+        on[key + "_daemon_cpu_all"].append(thread_cpu_seconds(self.daemon.proc.pid) - self.cpu0)
+        if self.with_bpf:
+            on[key + "_bpf"].append(self.bpf)
+
+
+def thread_cpu_seconds(pid):
+    """A process's CPU time to the nanosecond (its threads' schedstat), where /proc/PID/stat
+    counts 10 ms ticks."""
+    total = 0
+    for tid in os.listdir("/proc/%d/task" % pid):
+        try:
+            with open("/proc/%d/task/%s/schedstat" % (pid, tid)) as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue                        # a thread that ended meanwhile
+    return total / 1e9
+
+
 def status_kb(pid, key):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
@@ -190,25 +269,31 @@ def timed_cpu(session, command, timeout=600):
     return float(m.group(1)), float(m.group(2)) + float(m.group(3))
 
 
+def settle_daemon(daemon, timeout=20.0):
+    """Until the daemon is done with the previous part: its recordings converted and its
+    CPU idle (or `timeout`)."""
+    deadline = time.monotonic() + timeout
+    # the conversion starts once the session has been quiet a while (QUIET, then the
+    # flusher's next tick): an idle CPU before then says nothing, so wait for it first
+    while time.monotonic() < deadline and any(
+            a.get("unconverted_bytes") for a in daemon.api("status")["actions"].values()):
+        time.sleep(0.1)
+    used = cpu_seconds(daemon.proc.pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = cpu_seconds(daemon.proc.pid)
+        if now - used < 0.01:            # less than a tick in 0.3 s: idle
+            break
+        used = now
+
+
 def settle(daemon=None, timeout=20.0):
     """Before each timed part, in both conditions: the previous part's dirty pages
     (a flood's recordings are ~35 MB) written out, and the daemon done with the
     previous part (it converts a burst's recording once the burst is over), so
     neither is charged to the next part."""
     if daemon is not None:
-        deadline = time.monotonic() + timeout
-        # the conversion starts once the session has been quiet a while (QUIET, then the
-        # flusher's next tick): an idle CPU before then says nothing, so wait for it first
-        while time.monotonic() < deadline and any(
-                a.get("unconverted_bytes") for a in daemon.api("status")["actions"].values()):
-            time.sleep(0.1)
-        used = cpu_seconds(daemon.proc.pid)
-        while time.monotonic() < deadline:
-            time.sleep(0.3)
-            now = cpu_seconds(daemon.proc.pid)
-            if now - used < 0.01:            # less than a tick in 0.3 s: idle
-                break
-            used = now
+        settle_daemon(daemon, timeout)
     os.sync()
     time.sleep(0.3)
 
@@ -363,8 +448,10 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
             if "exec" in parts:
                 for key in ("exec_first", "exec"):
                     settle(daemon)
-                    t, cpu = timed_cpu(s, "for i in $(seq %d); do /bin/true; done"
-                                       % args.execs)
+                    with OwnCost(daemon, with_bpf=key == "exec_first") as cost:
+                        t, cpu = timed_cpu(s, "for i in $(seq %d); do /bin/true; done"
+                                           % args.execs)
+                    cost.record(res, key)
                     res[cond][key].append(t)
                     res[cond][key + "_wait"].append(t - cpu)
                     line.append("%s %.3fs" % (key.replace("_", " "), t))
@@ -373,10 +460,12 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
                     if daemon:
                         before, lost_before = captured_bytes(daemon, user), losses(daemon)
                     settle(daemon)
-                    t, shown = timed(s, "seq 1 %d" % args.lines)
+                    with OwnCost(daemon, with_bpf=key == "flood_first") as cost:
+                        t, shown = timed(s, "seq 1 %d" % args.lines)
                     res[cond][key].append(t)
                     line.append("%s %.3fs" % (key.replace("_", " "), t))
                     if daemon:
+                        cost.record(res, key)
                         got = captured_bytes(daemon, user) - before
                         counted = [b - a for a, b in zip(lost_before, losses(daemon))]
                         res["on"]["lost_bytes"].append(max(shown - got, 0))
@@ -394,9 +483,11 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
         for _ in range(SCP_UPLOADS):
             remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
             settle(daemon)
-            t0 = time.monotonic()
-            cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
-            t = time.monotonic() - t0
+            with OwnCost(daemon) as cost:
+                t0 = time.monotonic()
+                cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
+                t = time.monotonic() - t0
+            cost.record(res, "scp")
             if cp.returncode != 0:
                 raise RuntimeError("scp failed: %s" % cp.stderr)
             os.unlink(remote)
@@ -406,13 +497,15 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
     if "parallel" in parts:
         tag = "b%s" % uuid.uuid4().hex[:8]
         settle(daemon)
-        t, login = run_parallel(sshd, user, args.parallel, args.commands, tag)
+        with OwnCost(daemon) as cost:
+            t, login = run_parallel(sshd, user, args.parallel, args.commands, tag)
         res[cond]["parallel"].append(t)
         res[cond]["login"].append(login)
         line.append("parallel %.2fs (logins %.2fs)" % (t, login))
         if daemon:
             want = args.parallel * args.commands
             got, bad = count_finished(daemon, tag, want)
+            cost.record(res, "parallel")
             if bad:
                 line.append("(%d with a wrong exit code)" % bad)
             if got < want:      # late, or lost? wait longer and say which
@@ -431,6 +524,42 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
         res[cond]["getppid"].append(g)
         res[cond]["write"].append(w)
         line.append("getppid %.0fns write %.0fns" % (g, w))
+
+
+def own_cost_lines(args, res, figures):
+    """The summary's account of what the daemon itself spent on each part (medians of the
+    on samples): its BPF programs' run time, spent inside the sessions' processes (measured
+    on the daemon's first storm and flood, which are not budgeted, since the accounting
+    has a cost of its own), and its CPU time while the part ran, spent beside them (and,
+    apart, after it: a flood's tail drained, its recording converted).  Their sum as a
+    share of the part's off time is the most of it the sessions could feel directly."""
+    out = []
+    parts = (("exec", "exec storm", "exec_first", args.execs, "command"),
+             ("flood", "terminal flood", "flood_first", None, None),
+             ("scp", "scp upload", None, None, None),
+             ("parallel", "parallel sessions", None, args.parallel * args.commands,
+              "command"))
+    for key, label, bpf_key, per, unit in parts:
+        cpu = res["on"][key + "_daemon_cpu"]
+        if not cpu or not res["off"][key]:
+            continue
+        off_s = median(res["off"][key])
+        if key == "scp":
+            off_s = args.scp_mb / off_s             # throughput to seconds
+        bpf = median(res["on"][bpf_key + "_bpf"]) if bpf_key and res["on"][bpf_key + "_bpf"] \
+            else None
+        after = median(res["on"][key + "_daemon_cpu_all"]) - median(cpu)
+        own = median(cpu) + (bpf or 0.0)
+        figures["own_cost_" + key] = {"daemon_cpu_s": median(cpu), "daemon_cpu_after_s": after,
+                                      "bpf_s": bpf, "share_of_off": own / off_s}
+        words = ["daemon CPU %.1f ms (%.1f ms after it)" % (median(cpu) * 1e3, after * 1e3)]
+        if bpf is not None:
+            words.insert(0, "BPF programs %.1f ms" % (bpf * 1e3))
+        if per:
+            words.append("%.1f us a %s" % (own / per * 1e6, unit))
+        out.append("%-40s %s: %.1f %% of the off time" % (
+            "own cost, " + label, ", ".join(words), own / off_s * 100))
+    return out
 
 
 def bench_report(work, events, as_json):
@@ -516,10 +645,7 @@ def main():
     os.chmod(work, 0o755)
     figures = {"kernel": os.uname().release, "cpus": os.cpu_count(), "load_before": load(),
                "args": {k: v for k, v in vars(args).items() if k != "parts"}}
-    res = {c: {k: [] for k in ("exec_first", "exec_first_wait", "exec", "exec_wait",
-                               "flood_first", "flood", "scp", "parallel", "login", "getppid",
-                               "write", "lost_bytes", "counted_loss", "lost_events")}
-           for c in ("off", "on")}
+    res = {c: collections.defaultdict(list) for c in ("off", "on")}
     starts, rss_start, rss_end, drops, rerouted = [], [], [], [], []
     anon_start = []
     foreign = Foreign()
@@ -632,6 +758,7 @@ def main():
         out.append("%-40s off %8.3f %-4s on %8.3f %-4s ratio %.3f %s %s" % (
             label, off, unit, on, unit, ratio,
             "[%.3f-%.3f]" % interval if interval else "", verdict))
+    out.extend(own_cost_lines(args, res, figures))
     lost_bytes, lost_events = res["on"]["lost_bytes"], res["on"]["lost_events"]
     if lost_bytes:
         counted = [sum(c) for c in zip(*res["on"]["counted_loss"])]
