@@ -25,7 +25,8 @@ Medians and on/off ratios of:
   report          `sshlog report` over a generated event log of E events (no root needed)
   own cost        per part, what the daemon itself spent: its BPF programs' run time (from
                   kernel.bpf_stats_enabled, on during the unbudgeted first storm and flood
-                  only) and its CPU time during and after the part
+                  and one more upload and parallel run, untimed, at the end of each on
+                  block) and its CPU time during and after the part
 
 Each timed part is short (2-4 s), this VM's timings swing ~10 % from one sample to the next,
 and its speed drifts over minutes: the off and on samples are taken in pairs, a minute
@@ -524,21 +525,48 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
         res[cond]["getppid"].append(g)
         res[cond]["write"].append(w)
         line.append("getppid %.0fns write %.0fns" % (g, w))
+    if daemon is not None:
+        bpf_share_samples(args, parts, daemon, sshd, user, payload, res)
+
+
+def bpf_share_samples(args, parts, daemon, sshd, user, payload, res):
+    """The BPF programs' run time in an upload and in the parallel part, which have no
+    unbudgeted first sample: one more of each at the end of an on block, with bpf_stats
+    on, not timed (the parallel one's completions are counted all the same)."""
+    if "scp" in parts:
+        remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
+        settle(daemon)
+        with OwnCost(daemon, with_bpf=True) as cost:
+            cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
+        if cp.returncode != 0:
+            raise RuntimeError("scp failed: %s" % cp.stderr)
+        os.unlink(remote)
+        cost.record(res, "scp_accounted")
+    if "parallel" in parts:
+        tag = "b%s" % uuid.uuid4().hex[:8]
+        settle(daemon)
+        with OwnCost(daemon, with_bpf=True) as cost:
+            run_parallel(sshd, user, args.parallel, args.commands, tag)
+        want = args.parallel * args.commands
+        got, _bad = count_finished(daemon, tag, want)
+        res["on"]["lost_events"].append(want - got)
+        cost.record(res, "parallel_accounted")
 
 
 def own_cost_lines(args, res, figures):
     """The summary's account of what the daemon itself spent on each part (medians of the
     on samples): its BPF programs' run time, spent inside the sessions' processes (measured
-    on the daemon's first storm and flood, which are not budgeted, since the accounting
-    has a cost of its own), and its CPU time while the part ran, spent beside them (and,
+    on the daemon's first storm and flood, which are not budgeted, and on one more upload
+    and parallel run at the end of each on block, since the accounting has a cost of its
+    own), and its CPU time while the part ran, spent beside them (and,
     apart, after it: a flood's tail drained, its recording converted).  Their sum as a
     share of the part's off time is the most of it the sessions could feel directly."""
     out = []
     parts = (("exec", "exec storm", "exec_first", args.execs, "command"),
              ("flood", "terminal flood", "flood_first", None, None),
-             ("scp", "scp upload", None, None, None),
-             ("parallel", "parallel sessions", None, args.parallel * args.commands,
-              "command"))
+             ("scp", "scp upload", "scp_accounted", None, None),
+             ("parallel", "parallel sessions", "parallel_accounted",
+              args.parallel * args.commands, "command"))
     for key, label, bpf_key, per, unit in parts:
         cpu = res["on"][key + "_daemon_cpu"]
         if not cpu or not res["off"][key]:
