@@ -35,7 +35,7 @@ with its 90 % interval, the pairs resampled (a bootstrap): a ratio whose interva
 the budget is not decided by the run.
 
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
-at every block and reported.  Run as root: `sudo make bench` (~25 minutes), or
+at every block and reported.  Run as root: `sudo make bench` (~30 minutes), or
 `tests/bench.py --quick` (~4 minutes), `--only exec,flood` for a part, `--on eventlog` for
 the daemon with the text event log alone.  Other load on the machine is reported too (load
 average before and after): measure on a quiet machine.
