@@ -182,18 +182,25 @@ class OwnCost:
 
     def __enter__(self):
         if self.daemon is not None:
-            if self.with_bpf:
-                bpf_stats(True)
+            if self.with_bpf:         # the counters keep their value while stats are off
                 self.bpf0 = bpf_run_ns(self.daemon.proc.pid)
+                bpf_stats(True)
             self.cpu0 = thread_cpu_seconds(self.daemon.proc.pid)
         return self
 
-    def __exit__(self, *exc):
-        if self.daemon is not None:
+    def __exit__(self, exc_type, *exc):
+        if self.daemon is None:
+            return
+        try:
             self.during = thread_cpu_seconds(self.daemon.proc.pid) - self.cpu0
             if self.with_bpf:
                 self.bpf = (bpf_run_ns(self.daemon.proc.pid) - self.bpf0) / 1e9
-                bpf_stats(False)
+        except OSError:
+            if exc_type is None:            # the daemon is gone, unless the part's own
+                raise                       # error says more
+        finally:
+            if self.with_bpf:
+                bpf_stats(False)            # never left on for the next part
 
     def record(self, res, key):
         """After the part: wait for the daemon to be idle, then file its cost under key."""
