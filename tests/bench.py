@@ -103,21 +103,27 @@ def bpf_programs():
         return set()
 
 
-def own_programs(pid):
-    ids = set()
-    d = "/proc/%d/fdinfo" % pid
+def program_fdinfo(pid):
+    """{program id: the text of its fdinfo} for each BPF program fd process `pid` holds."""
+    progs, d = {}, "/proc/%d/fdinfo" % pid
     try:
-        for fd in os.listdir(d):
-            try:
-                with open(os.path.join(d, fd)) as f:
-                    m = re.search(r"^prog_id:\s*(\d+)", f.read(), re.M)
-            except OSError:
-                continue
-            if m:
-                ids.add(int(m.group(1)))
+        fds = os.listdir(d)
     except OSError:
-        pass
-    return ids
+        return progs
+    for fd in fds:
+        try:
+            with open(os.path.join(d, fd)) as f:
+                text = f.read()
+        except OSError:
+            continue
+        m = re.search(r"^prog_id:\s*(\d+)", text, re.M)
+        if m:
+            progs[int(m.group(1))] = text
+    return progs
+
+
+def own_programs(pid):
+    return set(program_fdinfo(pid))
 
 
 class Foreign:
@@ -156,19 +162,9 @@ def bpf_stats(on):
 
 
 def bpf_run_ns(pid):
-    """Nanoseconds our daemon's BPF programs have run (with bpf_stats on), from the
-    fdinfo of its program fds."""
-    total, d = 0, "/proc/%d/fdinfo" % pid
-    for fd in os.listdir(d):
-        try:
-            with open(os.path.join(d, fd)) as f:
-                text = f.read()
-        except OSError:
-            continue
-        m = re.search(r"^run_time_ns:\s*(\d+)", text, re.M)
-        if m and re.search(r"^prog_id:", text, re.M):
-            total += int(m.group(1))
-    return total
+    """Nanoseconds our daemon's BPF programs have run (with bpf_stats on)."""
+    return sum(int(m.group(1)) for m in (re.search(r"^run_time_ns:\s*(\d+)", text, re.M)
+                                         for text in program_fdinfo(pid).values()) if m)
 
 
 class OwnCost:
@@ -565,9 +561,9 @@ def own_cost_lines(args, res, figures):
     on samples): its BPF programs' run time, spent inside the sessions' processes (measured
     on the daemon's first storm and flood, which are not budgeted, and on one more upload
     and parallel run at the end of each on block, since the accounting has a cost of its
-    own), and its CPU time while the part ran, spent beside them (and,
-    apart, after it: a flood's tail drained, its recording converted).  Their sum as a
-    share of the part's off time is the most of it the sessions could feel directly."""
+    own), and its CPU time while the part ran, spent beside them (and, apart, after it:
+    a flood's tail drained, its recording converted).  Their sum as a share of the
+    part's off time is the most of it the sessions could feel directly."""
     out = []
     parts = (("exec", "exec storm", "exec_first", args.execs, "command"),
              ("flood", "terminal flood", "flood_first", None, None),
