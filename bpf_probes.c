@@ -150,6 +150,8 @@ struct proc {
     u32 out_left;          /* STDOUT_CAP budget of the current command */
     s32 status;            /* exit_group() code when no BTF offset */
     u32 pad;
+    u64 fds_marked;        /* bit N: fds may hold (tgid, N), N < 64; see fd_mark() */
+    u64 fds_ptmx;          /* bit N: fd N is a pty master */
 };
 
 enum fd_kind { FD_PTMX = 1, FD_AUDIT = 2, FD_BTMP = 3, FD_UPLOAD = 4 };
@@ -175,6 +177,10 @@ BPF_ARRAY(tty_refusing, u32, 1);                   /* see ring_output() */
  * sess * 2, + 1 for input): the stream's next record carries the count in
  * `lost`; what is left when the connection ends goes out as REC_TTY_LOSS. */
 BPF_TABLE("lru_hash", u32, u64, tty_lost, 4096);
+/* Keys tty_lost has gained and not given back: while 0, as it is unless the
+ * tty ring has been full, a pty read takes no lookup there.  An entry the LRU
+ * evicts leaves it above 0, which costs lookups, never a count. */
+BPF_ARRAY(tty_lost_keys, s64, 1);
 BPF_RINGBUF_OUTPUT(ctl, CTL_PAGES);
 BPF_RINGBUF_OUTPUT(tty, TTY_PAGES);
 
@@ -293,23 +299,56 @@ static __always_inline struct proc *current_proc(u32 *tgid)
     return tracked.lookup(tgid);
 }
 
-static __always_inline struct fd_val *fd_lookup(u32 tgid, s32 fd)
+/* The fds map is looked up only for an fd whose bit in the process's
+ * fds_marked is set (or that is 64 or more): sshd's socket writes, one per
+ * pty read in a flood, then cost no hash lookup, nor does a pty read, whose
+ * kind fds_ptmx gives.  A bit is set before its entry is written and cleared
+ * after it is deleted: an entry always has its bit. */
+#define FD_BIT(fd) (1ULL << ((fd) & 63))
+
+static __always_inline int fd_may_be_marked(struct proc *p, s32 fd)
 {
+    return fd < 0 || fd >= 64 || (p->fds_marked & FD_BIT(fd));
+}
+
+static __always_inline struct fd_val *fd_lookup(struct proc *p, u32 tgid, s32 fd)
+{
+    if (!fd_may_be_marked(p, fd))
+        return 0;
     struct fd_key k = {.tgid = tgid, .fd = fd};
     return fds.lookup(&k);
 }
 
-static __always_inline void fd_mark(u32 tgid, s32 fd, u32 kind)
+static __always_inline int fd_is_ptmx(struct proc *p, u32 tgid, s32 fd)
 {
+    if (fd >= 0 && fd < 64)
+        return (p->fds_ptmx & FD_BIT(fd)) != 0;
+    struct fd_val *v = fd_lookup(p, tgid, fd);
+    return v && v->kind == FD_PTMX;
+}
+
+static __always_inline void fd_mark(struct proc *p, u32 tgid, s32 fd, u32 kind)
+{
+    if (fd >= 0 && fd < 64) {
+        __sync_fetch_and_or(&p->fds_marked, FD_BIT(fd));
+        if (kind == FD_PTMX)
+            __sync_fetch_and_or(&p->fds_ptmx, FD_BIT(fd));
+        else
+            __sync_fetch_and_and(&p->fds_ptmx, ~FD_BIT(fd));
+    }
     struct fd_key k = {.tgid = tgid, .fd = fd};
     struct fd_val v = {.kind = kind};
     fds.update(&k, &v);
 }
 
-static __always_inline void fd_forget(u32 tgid, s32 fd)
+static __always_inline void fd_forget(struct proc *p, u32 tgid, s32 fd)
 {
     struct fd_key k = {.tgid = tgid, .fd = fd};
     fds.delete(&k);
+    if (fd >= 0 && fd < 64) {
+        __sync_fetch_and_and(&p->fds_ptmx, ~FD_BIT(fd));
+        __sync_fetch_and_and(&p->fds_marked, ~FD_BIT(fd));
+    }
 }
 
 static __always_inline void stash_put(u32 what, u64 ptr, u64 arg, u32 fd)
@@ -358,26 +397,41 @@ static __always_inline u32 tty_loss_key(u32 type, u32 sess)
 
 static __always_inline void tty_loss_add(u32 type, u32 sess, u32 n)
 {
-    u32 k = tty_loss_key(type, sess);
+    u32 k = tty_loss_key(type, sess), zero = 0;
     u64 *v = tty_lost.lookup(&k);
     if (v) {
         __sync_fetch_and_add(v, n);
     } else {
+        s64 *keys = tty_lost_keys.lookup(&zero);
+        if (keys)                 /* counted first: never 0 while a key is there */
+            __sync_fetch_and_add(keys, 1);
         u64 first = n;
         tty_lost.update(&k, &first);
     }
+}
+
+static __always_inline void tty_loss_forget(u32 k)
+{
+    u32 zero = 0;
+    tty_lost.delete(&k);
+    s64 *keys = tty_lost_keys.lookup(&zero);
+    if (keys)
+        __sync_fetch_and_add(keys, -1);
 }
 
 /* Bytes lost since the stream's previous record (one sshd thread per
  * session reads and writes the master, so there is no race on a key). */
 static __always_inline u32 tty_loss_take(u32 type, u32 sess)
 {
-    u32 k = tty_loss_key(type, sess);
+    u32 k = tty_loss_key(type, sess), zero = 0;
+    s64 *keys = tty_lost_keys.lookup(&zero);
+    if (keys && *keys == 0)
+        return 0;
     u64 *v = tty_lost.lookup(&k);
     if (!v)
         return 0;
     u64 n = *v;
-    tty_lost.delete(&k);
+    tty_loss_forget(k);
     return n > 0xffffffff ? 0xffffffff : n;
 }
 
@@ -457,7 +511,7 @@ static __always_inline void tty_session_end(u32 sess)
         } else {
             count_drop(0);
         }
-        tty_lost.delete(&k);
+        tty_loss_forget(k);
     }
 #if CAPTURE_INPUT
     echo_state.delete(&sess);
@@ -798,6 +852,8 @@ static __always_inline void forget_fds(u32 tgid, struct proc *p)
     /* The exit of a process closes its fds without close() calls.  A bounded
      * loop (kernel >= 5.3), not unrolled: 64 copies would bloat the program. */
     for (int fd = 0; fd < 64; fd++) {
+        if (!(p->fds_marked & FD_BIT(fd)))
+            continue;
         struct fd_key k = {.tgid = tgid, .fd = fd};
         struct fd_val *v = fds.lookup(&k);
         if (!v)
@@ -908,7 +964,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         /* sshd sets the window size on the master it reads from */
         u16 ws[2] = {};
         bpf_probe_read_user(ws, sizeof(ws), (void *)a.a2);
-        fd_mark(tgid, a.a0, FD_PTMX);
+        fd_mark(p, tgid, a.a0, FD_PTMX);
         struct rec_winsz *r = ctl_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
@@ -922,7 +978,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
     } else if (cmd == TIOCGPTN) {
         u32 n = 0;
         bpf_probe_read_user(&n, sizeof(n), (void *)a.a2);
-        fd_mark(tgid, a.a0, FD_PTMX);
+        fd_mark(p, tgid, a.a0, FD_PTMX);
         emit_u32(REC_PTY, tgid, p->sess, n, a.a0);
     }
     return 0;
@@ -934,12 +990,12 @@ static __always_inline int dup_enter(u32 oldfd, s32 newfd)
     struct proc *p = current_proc(&tgid);
     if (!p || !(p->flags & F_SSHD))
         return 0;
-    struct fd_val *v = fd_lookup(tgid, oldfd);
+    struct fd_val *v = fd_lookup(p, tgid, oldfd);
     if (newfd >= 0) {                    /* dup2/dup3: target known now */
         if (v)
-            fd_mark(tgid, newfd, v->kind);
-        else
-            fd_forget(tgid, newfd);
+            fd_mark(p, tgid, newfd, v->kind);
+        else if (fd_may_be_marked(p, newfd))
+            fd_forget(p, tgid, newfd);
     } else if (v) {
         stash_put(ST_DUP, 0, v->kind, oldfd);
     }
@@ -949,8 +1005,12 @@ static __always_inline int dup_enter(u32 oldfd, s32 newfd)
 static __always_inline int dup_exit(long ret)
 {
     struct stash s = {};
-    if (stash_take(ST_DUP, &s) && ret >= 0)
-        fd_mark(current_tgid(), ret, s.arg);
+    u32 tgid;
+    if (!stash_take(ST_DUP, &s) || ret < 0)
+        return 0;
+    struct proc *p = current_proc(&tgid);
+    if (p)
+        fd_mark(p, tgid, ret, s.arg);
     return 0;
 }
 
@@ -972,13 +1032,12 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close)
     struct proc *p = current_proc(&tgid);
     if (!p || !(p->flags & (F_SSHD | F_XFER)))
         return 0;
-    struct fd_key k = {.tgid = tgid, .fd = args->fd};
-    struct fd_val *v = fds.lookup(&k);
+    struct fd_val *v = fd_lookup(p, tgid, args->fd);
     if (!v)
         return 0;
     if (v->kind == FD_UPLOAD)
         emit_upload_close(tgid, p->sess, args->fd, v->bytes);
-    fds.delete(&k);
+    fd_forget(p, tgid, args->fd);
     return 0;
 }
 
@@ -994,8 +1053,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
         return 0;
     struct sys_args a;
     syscall_args(&a);
-    struct fd_val *v = fd_lookup(tgid, a.a0);
-    if (v && v->kind == FD_PTMX)
+    if (fd_is_ptmx(p, tgid, a.a0))
         emit_data(1, REC_TTY_OUT, tgid, p->sess, a.a0, (const u8 *)a.a1, args->ret);
     return 0;
 }
@@ -1015,7 +1073,7 @@ static __always_inline int on_write(u32 fd, const u8 *buf, u64 count)
     }
     if (!(p->flags & (F_SSHD | F_XFER)))
         return 0;
-    struct fd_val *v = fd_lookup(tgid, fd);
+    struct fd_val *v = fd_lookup(p, tgid, fd);
     if (!v)
         return 0;
     if (v->kind == FD_UPLOAD)
@@ -1053,7 +1111,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_socket)
     if (!p || !stash_take(ST_SOCKET, &s))
         return 0;
     if (args->ret >= 0)
-        fd_mark(tgid, args->ret, FD_AUDIT);
+        fd_mark(p, tgid, args->ret, FD_AUDIT);
     return 0;
 }
 
@@ -1063,7 +1121,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_sendto)
     struct proc *p = current_proc(&tgid);
     if (!p || !(p->flags & F_SSHD))
         return 0;
-    struct fd_val *v = fd_lookup(tgid, args->fd);
+    struct fd_val *v = fd_lookup(p, tgid, args->fd);
     if (v && v->kind == FD_AUDIT)
         emit_data(0, REC_AUDIT, tgid, p->sess, args->fd, args->buff,
                   args->len > 1024 ? 1024 : args->len);
@@ -1086,7 +1144,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
     if ((p->flags & F_XFER) && (a.a2 & 3)) {
         u64 mode = 0;
         bpf_probe_read_kernel(&mode, sizeof(mode), (void *)(user_regs() + 56));
-        fd_mark(tgid, fd, FD_UPLOAD);
+        fd_mark(p, tgid, fd, FD_UPLOAD);
         struct rec_upload_open *r = ctl_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
@@ -1108,10 +1166,10 @@ TRACEPOINT_PROBE(syscalls, sys_exit_openat)
     bpf_probe_read_user_str(path, sizeof(path), (void *)a.a1);
     if (path[0] == '/' && path[1] == 'd' && path[2] == 'e' && path[3] == 'v' && path[4] == '/' &&
         path[5] == 'p' && path[6] == 't' && path[7] == 'm' && path[8] == 'x' && path[9] == 0)
-        fd_mark(tgid, fd, FD_PTMX);
+        fd_mark(p, tgid, fd, FD_PTMX);
     else if (path[0] == '/' && path[1] == 'v' && path[2] == 'a' && path[3] == 'r' && path[4] == '/' &&
              path[5] == 'l' && path[6] == 'o' && path[7] == 'g' && path[8] == '/' && path[9] == 'b' &&
              path[10] == 't' && path[11] == 'm' && path[12] == 'p' && path[13] == 0)
-        fd_mark(tgid, fd, FD_BTMP);
+        fd_mark(p, tgid, fd, FD_BTMP);
     return 0;
 }

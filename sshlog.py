@@ -694,7 +694,8 @@ class ProcEntry(ctypes.Structure):
     """Value of the BPF `tracked` map (struct proc)."""
     _fields_ = [("sess", ctypes.c_uint32), ("ppid", ctypes.c_uint32),
                 ("flags", ctypes.c_uint32), ("out_left", ctypes.c_uint32),
-                ("status", ctypes.c_int32), ("pad", ctypes.c_uint32)]
+                ("status", ctypes.c_int32), ("pad", ctypes.c_uint32),
+                ("fds_marked", ctypes.c_uint64), ("fds_ptmx", ctypes.c_uint64)]
 
 
 class FdKey(ctypes.Structure):
@@ -1177,11 +1178,20 @@ class Probes:
         d = self.bpf[table]
         return {"ctl": int(d[ctypes.c_int(0)].value), "tty": int(d[ctypes.c_int(1)].value)}
 
-    def track(self, pid, sess, ppid, flags):
-        self.bpf["tracked"][ctypes.c_uint32(pid)] = ProcEntry(sess, ppid, flags, 0, -1, 0)
-
-    def mark_fd(self, pid, fd, kind):
-        self.bpf["fds"][FdKey(pid, fd)] = FdVal(kind, 0, 0)
+    def track(self, pid, sess, ppid, flags, ptmx_fds=()):
+        """Track a process found in /proc, with the pty masters it holds.  The
+        fd masks keep the bits BPF has set meanwhile (their fds are in the map)."""
+        key, marked, ptmx = ctypes.c_uint32(pid), 0, 0
+        for fd in ptmx_fds:
+            self.bpf["fds"][FdKey(pid, fd)] = FdVal(FD_PTMX, 0, 0)
+            if fd < 64:
+                marked |= 1 << fd
+                ptmx |= 1 << fd
+        old = self.bpf["tracked"].get(key)
+        if old is not None:
+            marked |= old.fds_marked
+            ptmx |= old.fds_ptmx
+        self.bpf["tracked"][key] = ProcEntry(sess, ppid, flags, 0, -1, 0, marked, ptmx)
 
     def close(self):
         for reader in self.readers or ():
@@ -1682,15 +1692,15 @@ class Tracker:
                 elif uid not in (None, 0) and passwd_name(uid, s.root) != "sshd":
                     flags = F_SSHD | F_USER
                     user_uid = uid
+            ptmx_fds = self._discover_ptys(pid, s) if sshd else ()
             if sshd:
-                self._discover_ptys(pid, s, probes)
                 # sshd titles itself "sshd: NAME@pts/N" / "sshd-session: NAME [priv]"
                 title = (read_text("%s/%d/cmdline" % (self.proc, pid)) or "").split("\0")[0]
                 m = re.match(r"sshd[\w-]*: ([^\s@\[]+)(?:@| \[priv\])", title)
                 if m:
                     s.auth_acct = m.group(1)
             if probes:
-                probes.track(pid, ptm, ppid, flags)
+                probes.track(pid, ptm, ppid, flags, ptmx_fds)
             for child in children.get(pid, []):
                 stack.append((child, flags & (F_SSHD | F_USER), pid))
         with self.lock:
@@ -1699,19 +1709,21 @@ class Tracker:
             return None
         return self._establish(s, user_uid, now)
 
-    def _discover_ptys(self, pid, s, probes):
-        fd_dir = "%s/%d/fdinfo" % (self.proc, pid)
+    def _discover_ptys(self, pid, s):
+        """The pty masters sshd `pid` holds (fds); the first one's index is the
+        session's tty."""
+        fd_dir, found = "%s/%d/fdinfo" % (self.proc, pid), []
         try:
             fds = os.listdir(fd_dir)
         except OSError:
-            return
+            return found
         for fd in fds:
             m = re.search(r"^tty-index:\s*(\d+)", read_text(os.path.join(fd_dir, fd), ""), re.M)
             if m:
                 if s.tty < 0:
                     s.tty = int(m.group(1))
-                if probes:
-                    probes.mark_fd(pid, int(fd), FD_PTMX)
+                found.append(int(fd))
+        return found
 
 
 ###############################################################################

@@ -116,6 +116,10 @@ def test_sigkill_mid_session_then_restart(tmp_path, sshd, users):
             est = second.wait_events(lambda e: e["event_type"] == "connection_established"
                                      and e["ptm_pid"] == fin1["ptm_pid"] and e["existing"])
             assert est[0]["session_id"] == fin1["session_id"]
+            # the pty master found in /proc is read from: the screen is still recorded
+            second.wait_events(lambda e: e["event_type"] == "terminal_update"
+                               and e["ptm_pid"] == fin1["ptm_pid"]
+                               and tok3 in e["terminal_data"])
         second.wait_events(lambda e: e["event_type"] == "connection_close"
                            and e["ptm_pid"] == fin1["ptm_pid"])
     finally:

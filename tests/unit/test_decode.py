@@ -40,7 +40,7 @@ EXPECTED_SIZES = [
     # rec_upload_close: hdr + fd s32 + pad u32 + bytes u64
     (sshlog.RecUploadClose, 24 + 4 + 4 + 8),                          # 40
     # struct proc (the `tracked` map value): sess ppid flags out_left status pad
-    (sshlog.ProcEntry, 6 * 4),                                        # 24
+    (sshlog.ProcEntry, 6 * 4 + 2 * 8),                                # 40
     # struct fd_key: tgid u32 + fd s32
     (sshlog.FdKey, 4 + 4),                                            # 8
     # struct fd_val: kind u32 + pad u32 + bytes u64

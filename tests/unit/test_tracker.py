@@ -480,11 +480,9 @@ class FakeProbes:
     def __init__(self):
         self.tracked, self.fds = {}, []
 
-    def track(self, pid, sess, ppid, flags):
+    def track(self, pid, sess, ppid, flags, ptmx_fds=()):
         self.tracked[pid] = (sess, flags)
-
-    def mark_fd(self, pid, fd, kind):
-        self.fds.append((pid, fd, kind))
+        self.fds.extend((pid, fd, sshlog.FD_PTMX) for fd in ptmx_fds)
 
 
 def test_discover_existing_sessions(world):
