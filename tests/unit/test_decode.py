@@ -39,7 +39,8 @@ EXPECTED_SIZES = [
     (sshlog.RecUploadOpen, 24 + 4 + 4 + 4 + 4 + 4096),                # 4136
     # rec_upload_close: hdr + fd s32 + pad u32 + bytes u64
     (sshlog.RecUploadClose, 24 + 4 + 4 + 8),                          # 40
-    # struct proc (the `tracked` map value): sess ppid flags out_left status pad
+    # struct proc (the `tracked` map value): sess ppid flags out_left status pad, u32 each;
+    # fds_marked fds_ptmx, u64 each
     (sshlog.ProcEntry, 6 * 4 + 2 * 8),                                # 40
     # struct fd_key: tgid u32 + fd s32
     (sshlog.FdKey, 4 + 4),                                            # 8
