@@ -485,16 +485,10 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
         # of SCP_UPLOADS uploads
         speeds = []
         for _ in range(SCP_UPLOADS):
-            remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
             settle(daemon)
             with OwnCost(daemon) as cost:
-                t0 = time.monotonic()
-                cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
-                t = time.monotonic() - t0
+                t = upload(sshd, user, payload)
             cost.record(res, "scp")
-            if cp.returncode != 0:
-                raise RuntimeError("scp failed: %s" % cp.stderr)
-            os.unlink(remote)
             speeds.append(args.scp_mb / t)
         res[cond]["scp"].append(median(speeds))
         line.append("scp %s MB/s" % "/".join("%.0f" % v for v in speeds))
@@ -507,52 +501,63 @@ def block(args, parts, cond, daemon, sshd, user, payload, loop, res, line):
         res[cond]["login"].append(login)
         line.append("parallel %.2fs (logins %.2fs)" % (t, login))
         if daemon:
-            want = args.parallel * args.commands
-            got, bad = count_finished(daemon, tag, want)
+            line.append(logged(args, daemon, tag, res))
             cost.record(res, "parallel")
-            if bad:
-                line.append("(%d with a wrong exit code)" % bad)
-            if got < want:      # late, or lost? wait longer and say which
-                st = daemon.api("status")
-                later, _ = count_finished(daemon, tag, want, timeout=30, settle=15)
-                line.append("(only %d/%d logged at first, %d after 15 s more; daemon: bpf "
-                            "drops %s, decode errors %s, actions %s)" % (
-                                got, want, later, st["bpf_drops"], st["decode_errors"],
-                                {k: (v["queued"], v["dropped"], v["failed"])
-                                 for k, v in st["actions"].items()}))
-                got = later
-            res["on"]["lost_events"].append(want - got)
-            line.append("(%d/%d logged)" % (got, want))
     if loop:
         g, w = syscall_cost(loop, args.syscalls)
         res[cond]["getppid"].append(g)
         res[cond]["write"].append(w)
         line.append("getppid %.0fns write %.0fns" % (g, w))
     if daemon is not None:
-        bpf_share_samples(args, parts, daemon, sshd, user, payload, res)
+        bpf_share_samples(args, parts, daemon, sshd, user, payload, res, line)
 
 
-def bpf_share_samples(args, parts, daemon, sshd, user, payload, res):
+def upload(sshd, user, payload):
+    """One scp upload of `payload` to a fresh file, removed after: its seconds."""
+    remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
+    t0 = time.monotonic()
+    cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
+    t = time.monotonic() - t0
+    if cp.returncode != 0:
+        raise RuntimeError("scp failed: %s" % cp.stderr)
+    os.unlink(remote)
+    return t
+
+
+def logged(args, daemon, tag, res):
+    """Count the parallel run `tag`'s command_finish lines in the event log (waiting
+    longer when some are late), file the missing ones as lost; a word on it for the line."""
+    want = args.parallel * args.commands
+    got, bad = count_finished(daemon, tag, want)
+    words = "(%d with a wrong exit code)" % bad if bad else ""
+    if got < want:          # late, or lost? wait longer and say which
+        st = daemon.api("status")
+        later, _ = count_finished(daemon, tag, want, timeout=30, settle=15)
+        words += "(only %d/%d logged at first, %d after 15 s more; daemon: bpf drops %s, " \
+                 "decode errors %s, actions %s)" % (
+                     got, want, later, st["bpf_drops"], st["decode_errors"],
+                     {k: (v["queued"], v["dropped"], v["failed"])
+                      for k, v in st["actions"].items()})
+        got = later
+    res["on"]["lost_events"].append(want - got)
+    return words + "(%d/%d logged)" % (got, want)
+
+
+def bpf_share_samples(args, parts, daemon, sshd, user, payload, res, line):
     """The BPF programs' run time in an upload and in the parallel part, which have no
     unbudgeted first sample: one more of each at the end of an on block, with bpf_stats
     on, not timed (the parallel one's completions are counted all the same)."""
     if "scp" in parts:
-        remote = "/tmp/sshlog-bench-%s.bin" % uuid.uuid4().hex[:8]
         settle(daemon)
         with OwnCost(daemon, with_bpf=True) as cost:
-            cp = harness.scp_upload(sshd, user, payload, remote, timeout=600)
-        if cp.returncode != 0:
-            raise RuntimeError("scp failed: %s" % cp.stderr)
-        os.unlink(remote)
+            upload(sshd, user, payload)
         cost.record(res, "scp_accounted")
     if "parallel" in parts:
         tag = "b%s" % uuid.uuid4().hex[:8]
         settle(daemon)
         with OwnCost(daemon, with_bpf=True) as cost:
             run_parallel(sshd, user, args.parallel, args.commands, tag)
-        want = args.parallel * args.commands
-        got, _bad = count_finished(daemon, tag, want)
-        res["on"]["lost_events"].append(want - got)
+        line.append("accounted run " + logged(args, daemon, tag, res))
         cost.record(res, "parallel_accounted")
 
 
