@@ -17,7 +17,8 @@
  * data records are built in a per-CPU scratch record and copied into the ring
  * at their used size (the kernel runs these programs with preemption off and
  * never nests two tracing programs on one CPU, so a scratch record is never
- * shared).  A record its ring refuses goes into the other one (see
+ * shared); a session's terminal output is gathered in a merge slot and sent
+ * a few KiB at a time.  A record its ring refuses goes into the other one (see
  * ring_output); one neither takes is counted in `drops`.
  *
  * Parameters (all integers, from sshlog.py):
@@ -29,6 +30,9 @@
  *   HAVE_GROUP_DEAD        sched_process_exit has group_dead (kernel >= 6.x)
  *   OFF_EXIT_CODE          offset of task_struct.exit_code (optional)
  *   TRACK_MAX              capacity of the tracked-process table
+ *   MERGE_SPAN_NS          longest time one terminal record's reads span
+ *   FLUSH_TGID, FLUSH_FD   the daemon's pid and the fd whose read() flushes
+ *                          the merge slots before it drains the rings
  *   REFUSE_EVERY           tests only: every Nth first try at each ring fails,
  *                          to exercise the reroute (0 = never; the default)
  */
@@ -563,6 +567,163 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
     }
 }
 
+/* ---- merging a session's terminal output ---- */
+
+/* A flood is ~21,000 pty reads of ~700 bytes; one record each cost a ring
+ * reservation here and a walk in the daemon per read.  A session's reads are
+ * instead gathered in a merge slot and sent as one record (the time of its
+ * first read) when the next read would not fit, is of another fd, or comes
+ * MERGE_SPAN_NS after the first (a replay's timing stays that faithful);
+ * before a record of the session that must follow the output read so far
+ * (a command's start or end, a window size, keystrokes); and whenever the
+ * daemon drains the rings (merge_flush_all, at its read of FLUSH_FD), so a
+ * quiet tail waits no longer than the daemon would anyway.  Every slot
+ * empties at each drain, so no record leaves older than the drain before
+ * it: the reader's time order holds.  A session hashes to a slot
+ * (sess % MERGE_SLOTS); while another session's bytes fill it, its reads go
+ * out on their own, as they do above MERGE_CAP.
+ * The reader, a record's emitter in another process, and the daemon's flush
+ * may meet on a slot: each takes its lock word (compare-and-swap, at most
+ * MERGE_SPIN tries: a holder runs a BPF program, never sleeps, and holds it
+ * for one copy of at most MERGE_CAP bytes).  A wait given up is counted in
+ * merge_counts[1]; the read then goes out on its own. */
+#ifndef MERGE_SPAN_NS
+#define MERGE_SPAN_NS 10000000
+#endif
+#ifndef FLUSH_TGID
+#define FLUSH_TGID 0           /* the daemon, whose read of FLUSH_FD flushes every slot */
+#define FLUSH_FD -1
+#endif
+#define MERGE_SLOTS 64
+#define MERGE_CAP (BIG_CAP / 2)    /* an offset and a read each <= MERGE_CAP fit BIG_CAP */
+#define MERGE_SPIN 256
+struct merge_slot {
+    u64 lock;                  /* 1 while held */
+    u32 sess;                  /* whose bytes rec holds, when rec.h.len > 0 */
+    u32 pad;
+    struct rec_data_big rec;   /* REC_TTY_OUT; h.ts: the first read's time */
+};
+BPF_ARRAY(merge_slots, struct merge_slot, MERGE_SLOTS);
+BPF_ARRAY(merge_counts, u64, 2);   /* [0] reads merged, [1] lock waits given up */
+
+static __always_inline void merge_count(u32 which)
+{
+    u64 *n = merge_counts.lookup(&which);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline int merge_trylock(struct merge_slot *s)
+{
+    return __sync_val_compare_and_swap(&s->lock, 0, 1) == 0;
+}
+
+static __always_inline int merge_lock(struct merge_slot *s)
+{
+    for (int i = 0; i < MERGE_SPIN; i++)
+        if (merge_trylock(s))
+            return 1;
+    merge_count(1);
+    return 0;
+}
+
+static __always_inline void merge_unlock(struct merge_slot *s)
+{
+    __sync_lock_test_and_set(&s->lock, 0);   /* an exchange: a full barrier */
+}
+
+/* Send what the slot holds (its lock held). */
+static __always_inline void merge_send(struct merge_slot *s)
+{
+    u32 n = s->rec.h.len;
+    if (!n)
+        return;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(MERGE_CAP));
+    s->rec.lost = tty_loss_take(REC_TTY_OUT, s->sess);
+    u64 size = sizeof(struct rec_data_head) + n;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(s->rec)));
+    if (ring_output(1, &s->rec, size)) {
+        count_drop(1);
+        tty_loss_add(REC_TTY_OUT, s->sess, s->rec.lost + n);
+    }
+    s->rec.h.len = 0;
+}
+
+static __always_inline struct merge_slot *merge_slot_of(u32 sess)
+{
+    u32 i = sess % MERGE_SLOTS;
+    return merge_slots.lookup(&i);
+}
+
+/* Before a record of session `sess` that must follow its output so far. */
+static __always_inline void merge_flush(u32 sess)
+{
+    struct merge_slot *s = merge_slot_of(sess);
+    if (!s || !s->rec.h.len || s->sess != sess || !merge_lock(s))
+        return;
+    if (s->sess == sess)
+        merge_send(s);
+    merge_unlock(s);
+}
+
+/* The daemon is about to drain the rings.  A slot whose reader holds it
+ * right now is left to the reader (no wait: 64 slots of MERGE_SPIN tries
+ * pass the verifier's limit on one program's jumps); its bytes are in order
+ * either way, since every record of their session first empties the slot. */
+static __always_inline void merge_flush_all(void)
+{
+    for (int i = 0; i < MERGE_SLOTS; i++) {
+        u32 k = i;             /* the counter stays in a register the verifier follows */
+        struct merge_slot *s = merge_slots.lookup(&k);
+        if (!s || !s->rec.h.len || !merge_trylock(s))
+            continue;
+        merge_send(s);
+        merge_unlock(s);
+    }
+}
+
+/* A pty read of `total` bytes by sshd: into the session's slot, or out on
+ * its own (after what the slot holds) when it is large or the slot is busy. */
+static __always_inline void tty_out(u32 tgid, u32 sess, s32 fd, const u8 *src, u64 total)
+{
+    struct merge_slot *s = merge_slot_of(sess);
+    if (!s || !merge_lock(s)) {
+        emit_data(1, REC_TTY_OUT, tgid, sess, fd, src, total);
+        return;
+    }
+    u32 len = s->rec.h.len;
+    if (len && s->sess != sess) {          /* another session's bytes */
+        merge_unlock(s);
+        emit_data(1, REC_TTY_OUT, tgid, sess, fd, src, total);
+        return;
+    }
+    u64 now = bpf_ktime_get_ns();
+    if (len && (s->rec.fd != fd || len + total > MERGE_CAP ||
+                now - s->rec.h.ts > MERGE_SPAN_NS)) {
+        merge_send(s);
+        len = 0;
+    }
+    if (total > MERGE_CAP) {               /* sent under the lock: in order */
+        emit_data(1, REC_TTY_OUT, tgid, sess, fd, src, total);
+    } else {
+        if (!len) {
+            s->sess = sess;
+            s->rec.h.type = REC_TTY_OUT;
+            s->rec.h.pid = tgid;
+            s->rec.h.sess = sess;
+            s->rec.h.ts = now;
+            s->rec.fd = fd;
+        }
+        u32 n = total;
+        asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(len) : "i"(MERGE_CAP));
+        asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(MERGE_CAP));
+        bpf_probe_read_user(s->rec.data + len, n, src);
+        s->rec.h.len = len + n;
+        merge_count(0);
+    }
+    merge_unlock(s);
+}
+
 static __always_inline void emit_u32(u32 type, u32 tgid, u32 sess, u32 value, u32 fd)
 {
     struct rec_u32 *r = ctl_reserve(sizeof(*r));
@@ -815,6 +976,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         p->flags |= F_XFER;
     p->out_left = STDOUT_CAP;
 
+    merge_flush(p->sess);
     struct argv_span v = {};
     argv_locate(&v);
     const void *fname = (void *)args + (args->data_loc_filename & 0xffff);
@@ -883,6 +1045,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #if CAPTURE_INPUT
     termios_forget(tgid);
 #endif
+    if (p->flags & (F_CMD | F_MONITOR | F_XFER))
+        merge_flush(p->sess);  /* the output read so far goes before the end */
     if (p->flags & F_MONITOR)
         tty_session_end(tgid);
     if (p->flags & (F_CMD | F_MONITOR | F_XFER)) {
@@ -965,6 +1129,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
         u16 ws[2] = {};
         bpf_probe_read_user(ws, sizeof(ws), (void *)a.a2);
         fd_mark(p, tgid, a.a0, FD_PTMX);
+        merge_flush(p->sess);
         struct rec_winsz *r = ctl_reserve(sizeof(*r));
         if (!r) {
             count_drop(0);
@@ -1049,12 +1214,20 @@ TRACEPOINT_PROBE(syscalls, sys_exit_read)
         return 0;
     u32 tgid;
     struct proc *p = current_proc(&tgid);
-    if (!p || !(p->flags & F_SSHD))
-        return 0;
     struct sys_args a;
+    if (!p) {
+        if (tgid == FLUSH_TGID) {
+            syscall_args(&a);
+            if (a.a0 == FLUSH_FD)
+                merge_flush_all();
+        }
+        return 0;
+    }
+    if (!(p->flags & F_SSHD))
+        return 0;
     syscall_args(&a);
     if (fd_is_ptmx(p, tgid, a.a0))
-        emit_data(1, REC_TTY_OUT, tgid, p->sess, a.a0, (const u8 *)a.a1, args->ret);
+        tty_out(tgid, p->sess, a.a0, (const u8 *)a.a1, args->ret);
     return 0;
 }
 
@@ -1080,8 +1253,10 @@ static __always_inline int on_write(u32 fd, const u8 *buf, u64 count)
         __sync_fetch_and_add(&v->bytes, count);
 #if CAPTURE_INPUT
     else if (v->kind == FD_PTMX) {
-        if (!echo_is_off(p->sess))
+        if (!echo_is_off(p->sess)) {
+            merge_flush(p->sess);
             emit_data(1, REC_TTY_IN, tgid, p->sess, fd, buf, count);
+        }
     }
 #endif
     else if (v->kind == FD_BTMP && count == 384)

@@ -624,6 +624,8 @@ PATH_CAP = 4096
 CTL_PAGES = 1024         # 4 MiB: control records
 TTY_PAGES = 2048         # 8 MiB: terminal bytes
 TRACK_MAX = 65536
+MERGE_SPAN_NS = 10_000_000   # one terminal record's pty reads span at most this
+DEV_ZERO = "/dev/zero"       # the daemon's read of it flushes the merge slots
 
 
 class RecHdr(ctypes.Structure):
@@ -919,7 +921,8 @@ def probe_plan(tracefs=TRACEFS, btf=BTF_VMLINUX, argv_cap=ARGV_CAP,
         raise ConfigError(["argv_cap must be a power of two between 256 and 65536"])
     flags = ["-DCTL_PAGES=%d" % CTL_PAGES, "-DTTY_PAGES=%d" % TTY_PAGES,
              "-DARGV_CAP=%d" % argv_cap, "-DSTDOUT_CAP=%d" % int(stdout_cap),
-             "-DCAPTURE_INPUT=%d" % int(bool(capture_input)), "-DTRACK_MAX=%d" % TRACK_MAX]
+             "-DCAPTURE_INPUT=%d" % int(bool(capture_input)), "-DTRACK_MAX=%d" % TRACK_MAX,
+             "-DMERGE_SPAN_NS=%d" % MERGE_SPAN_NS]
     if group_dead:
         flags.append("-DHAVE_GROUP_DEAD=1")
     if offset is not None:
@@ -1079,9 +1082,14 @@ class Probes:
         self.callback_errors = 0
         self.fill = 0.0                   # the largest share of a ring the last drain freed
         self.decode_errors = 0
+        # our read() of this fd has the kernel send the terminal output it
+        # holds in its merge slots (bpf_probes.c, merge_flush_all)
+        self.flush_fd = os.open(DEV_ZERO, os.O_RDONLY | os.O_CLOEXEC)
+        flush = ("-DFLUSH_TGID=%d" % os.getpid(), "-DFLUSH_FD=%d" % self.flush_fd)
         try:
-            self.bpf = bcc.BPF(text=probe_source(), cflags=list(plan.cflags))
+            self.bpf = bcc.BPF(text=probe_source(), cflags=list(plan.cflags + flush))
         except Exception as e:            # bcc raises bare Exception
+            os.close(self.flush_fd)
             if debug:
                 log.exception("BPF load failed")
             raise SshlogError("loading the BPF programs failed (%s); run `sshlog doctor`"
@@ -1113,6 +1121,7 @@ class Probes:
         follow its close): a stable sort on the time puts all in order.
         Records younger than HOLD_NS wait for the next drain, unless `final`."""
         cutoff = time.monotonic_ns() - self.HOLD_NS    # bpf_ktime_get_ns's clock
+        os.read(self.flush_fd, 1)         # the merge slots into the terminal ring
         ctl, tty = self.raw
         if self.readers:
             ctl_reader, tty_reader = self.readers
@@ -1174,6 +1183,13 @@ class Probes:
         ring_output): none lost, counted to show the kernel refusing."""
         return self._per_ring("rerouted")
 
+    def merge_counts(self):
+        """Pty reads merged into a larger record in the kernel, and waits for
+        a merge slot given up (that read went out on its own, none lost)."""
+        d = self.bpf["merge_counts"]
+        return {"merged": int(d[ctypes.c_int(0)].value),
+                "waits_given_up": int(d[ctypes.c_int(1)].value)}
+
     def _per_ring(self, table):
         d = self.bpf[table]
         return {"ctl": int(d[ctypes.c_int(0)].value), "tty": int(d[ctypes.c_int(1)].value)}
@@ -1197,6 +1213,7 @@ class Probes:
         for reader in self.readers or ():
             reader.close()
         self.bpf.cleanup()
+        os.close(self.flush_fd)
 
 
 ###############################################################################
@@ -5189,6 +5206,7 @@ class Daemon:
                 "events": dict(self.counts),
                 "bpf_drops": self.probes.drops() if self.probes else {},
                 "bpf_rerouted": self.probes.rerouted() if self.probes else {},
+                "bpf_merged": self.probes.merge_counts() if self.probes else {},
                 "decode_errors": self.probes.decode_errors if self.probes else 0,
                 "callback_errors": self.probes.callback_errors if self.probes else 0,
                 "filter_errors": self.pipeline.filter_errors if self.pipeline else 0,
@@ -6185,6 +6203,10 @@ def cmd_status(args):
     if any(rerouted.values()):
         print("refused by their ring, taken by the other: ctl %d, tty %d"
               % (rerouted.get("ctl", 0), rerouted.get("tty", 0)))
+    merged = data.get("bpf_merged") or {}
+    if any(merged.values()):
+        print("terminal reads merged in the kernel: %d (waits for a merge slot given up %d)"
+              % (merged.get("merged", 0), merged.get("waits_given_up", 0)))
     for name, a in sorted(data["actions"].items()):
         waiting = ""
         if "unconverted_bytes" in a:                 # recordings: converted after a burst

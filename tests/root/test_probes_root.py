@@ -3,6 +3,7 @@ tracked process tree arrive whole and in order, across the ring's wrap-around
 (mmap reader), with nothing dropped; a record its ring refuses arrives through
 the other ring, in its place."""
 import itertools
+import struct
 import subprocess
 import threading
 import time
@@ -182,3 +183,79 @@ def test_threads_are_not_tracked_as_processes_and_their_children_are():
     assert sorted(r.argv for r in execs) == [("/bin/echo", "child-%d" % n) for n in range(3)]
     exits = {r.pid: r.status for r in records if isinstance(r, sshlog.Exit)}
     assert all(exits.get(r.pid) == 0 for r in execs), (exits, execs)
+
+
+def test_a_sessions_pty_reads_are_merged_in_the_kernel_in_order(sshd, users, monkeypatch):
+    """sshd's pty reads of one session leave the kernel a few KiB at a time
+    (merge slots, bpf_probes.c), not one record per read; the bytes arrive
+    whole and in order; a command's start still falls between the output read
+    before it and after it (the exec empties the slot); and a quiet tail is
+    sent when the reader drains (its read of FLUSH_FD), not held back.  The
+    span of one record is set to 60 s here, so only those two send it."""
+    plan = sshlog.probe_plan()
+    flags = tuple(f for f in plan.cflags if not f.startswith("-DMERGE_SPAN_NS="))
+    probes = sshlog.Probes(sshlog.ProbePlan(flags + ("-DMERGE_SPAN_NS=60000000000",),
+                                            plan.exit_code_offset, plan.group_dead))
+    sizes = []                            # data bytes of each terminal record of the ring
+
+    def spy(buf, spans, breaks=None, merge=sshlog.merge_terminal):
+        for start, length in spans:
+            t, _pid, _sess, n = struct.unpack_from("<IIII", buf, start)
+            if t == sshlog.REC_TTY_OUT:
+                sizes.append(n)
+        return merge(buf, spans, breaks)
+    monkeypatch.setattr(sshlog, "merge_terminal", spy)
+    tracker = sshlog.Tracker()
+    records = []
+
+    def output(sess):
+        return b"".join(r.data for r in records if isinstance(r, sshlog.Data)
+                        and r.type == sshlog.REC_TTY_OUT and r.sess == sess)
+    try:
+        tracker.discover(probes)
+        with harness.PtySession(sshd, users["sshlogt1"]) as s:
+            s.tty_name()
+            records += probes.drain(final=True)
+            sess = [r.sess for r in records if isinstance(r, sshlog.Connect)][-1]
+            del sizes[:]
+            assert s.run("seq 1 100000", timeout=60) == 0
+            records += probes.drain(final=True)
+            flood = list(sizes)
+            # no drain, nor other command, until python ran: only its exec sends
+            # "before" (its "after" is read while it lives: its exit comes later)
+            assert s.run("printf 'before-%s\\n' x; for ((i = 0; i < 100000; i++)); do :; done; "
+                         "/usr/bin/python3 -c 'import time; print(\"after-%d\" % 2, flush=True); "
+                         "time.sleep(0.3)'", timeout=30) == 0
+            records += probes.drain(final=True)
+            s.sendline("echo tail-$((6*7))")
+            deadline = time.monotonic() + 10
+            while b"tail-42" not in output(sess) and time.monotonic() < deadline:
+                time.sleep(0.05)
+                records += probes.drain()
+            tail_seen = b"tail-42" in output(sess)
+            s.sendline("exit")
+            s.wait(30)
+        time.sleep(0.2)
+        records += probes.drain(final=True)
+        merged = probes.merge_counts()
+        drops = probes.drops()
+    finally:
+        probes.close()
+    assert drops == {"ctl": 0, "tty": 0} and probes.decode_errors == 0
+    out = output(sess)
+    assert b"\r\n".join(b"%d" % i for i in range(1, 100001)) + b"\r\n" in out
+    # ~640 KB read ~700 bytes at a time: without merging, about a thousand records
+    assert sum(flood) >= 688895 and len(flood) <= sum(flood) // 4096 + 20, \
+        (len(flood), sum(flood))
+    assert max(flood) <= sshlog.BIG_CAP
+    assert merged["merged"] > 500 and merged["waits_given_up"] == 0, merged
+    mine = [r for r in records if r.sess == sess]
+    echo = [i for i, r in enumerate(mine) if isinstance(r, sshlog.Exec)
+            and r.filename == "/usr/bin/python3"]
+    assert len(echo) == 1
+    data = [(i, r.data) for i, r in enumerate(mine) if isinstance(r, sshlog.Data)
+            and r.type == sshlog.REC_TTY_OUT]
+    before = [i for i, d in data if b"before-x" in d]
+    after = [i for i, d in data if b"after-2" in d]
+    assert before and after and before[-1] < echo[0] < after[0], (before, echo, after)
+    assert tail_seen

@@ -19,6 +19,7 @@ from sshlog import Connect, Exec, Value
 STATUS = {"version": sshlog.__version__, "pid": 4321, "uptime_s": 12.5,
           "events": {"command_start": 3, "connection_established": 1},
           "bpf_drops": {"ctl": 0, "tty": 2}, "bpf_rerouted": {"ctl": 3, "tty": 1},
+          "bpf_merged": {"merged": 20517, "waits_given_up": 0},
           "decode_errors": 0, "callback_errors": 0, "filter_errors": 1,
           "actions": {"log_events": {"plugin": "eventlogfile_action", "queued": 0,
                                      "delivered": 4, "dropped": 0, "failed": 0}},
@@ -276,6 +277,7 @@ def test_cli_status_text(api, capsys):
     assert "events: command_start 3, connection_established 1" in out
     assert "bpf ctl 0, bpf tty 2" in out and "filter errors 1" in out
     assert "refused by their ring, taken by the other: ctl 3, tty 1" in out
+    assert "terminal reads merged in the kernel: 20517 (waits for a merge slot given up 0)" in out
     assert "action log_events (eventlogfile_action): delivered 4" in out
     assert "config: /etc/sshlog/conf.d/log_events.yaml" in out
 
@@ -372,6 +374,9 @@ class NoProbes:
     def rerouted(self):
         return {"ctl": 2, "tty": 0}
 
+    def merge_counts(self):
+        return {"merged": 7, "waits_given_up": 0}
+
     def drain(self, final=False):
         return []
 
@@ -389,12 +394,13 @@ def test_real_daemon_api(tmp_path, allow_peer, capsys):
     try:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         status = one_reply(path, {"cmd": "status"})["data"]
-        for key in ("version", "uptime_s", "events", "bpf_drops", "bpf_rerouted", "actions",
-                    "config_files",
+        for key in ("version", "uptime_s", "events", "bpf_drops", "bpf_rerouted", "bpf_merged",
+                    "actions", "config_files",
                     "watchers", "sessions", "decode_errors", "filter_errors"):
             assert key in status
-        assert (status["bpf_drops"], status["bpf_rerouted"], status["config_files"]) == (
-            {"ctl": 1, "tty": 0}, {"ctl": 2, "tty": 0}, ["a.yaml"])
+        assert (status["bpf_drops"], status["bpf_rerouted"], status["bpf_merged"],
+                status["config_files"]) == ({"ctl": 1, "tty": 0}, {"ctl": 2, "tty": 0},
+                                            {"merged": 7, "waits_given_up": 0}, ["a.yaml"])
         s, f = ask(path, {"cmd": "watch"})
         with s, f:
             f.readline()

@@ -537,7 +537,8 @@ def test_probe_plan_flags(tmp_path):
     plan = sshlog.probe_plan(tracefs=tracefs, btf=str(btf), argv_cap=4096, stdout_cap=100)
     assert plan.cflags == ("-DCTL_PAGES=1024", "-DTTY_PAGES=2048", "-DARGV_CAP=4096",
                            "-DSTDOUT_CAP=100", "-DCAPTURE_INPUT=0", "-DTRACK_MAX=65536",
-                           "-DHAVE_GROUP_DEAD=1", "-DOFF_EXIT_CODE=2468")
+                           "-DMERGE_SPAN_NS=10000000", "-DHAVE_GROUP_DEAD=1",
+                           "-DOFF_EXIT_CODE=2468")
     assert plan.exit_code_offset == 2468 and plan.group_dead is True
 
 

@@ -4,6 +4,7 @@ same pages twice; here the second copy is written by hand) and read back."""
 import contextlib
 import ctypes
 import mmap
+import os
 import struct
 import time
 
@@ -158,9 +159,14 @@ def mapped_probes(*rings):
             f.close()
 
 
+# what drain() reads to have the kernel flush its merge slots (none here)
+NO_KERNEL = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
 def unloaded_probes(readers=None, bpf=None):
     probes = object.__new__(sshlog.Probes)       # the BPF side is not loaded here
     probes.raw, probes.readers, probes.bpf = ([], []), readers, bpf
+    probes.flush_fd = NO_KERNEL
     probes.held = []
     probes.decode_errors = probes.callback_errors = 0
     probes.fill = 0.0
