@@ -577,16 +577,16 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
  * before a record of the session that must follow the output read so far
  * (a command's start or end, a window size, keystrokes); and whenever the
  * daemon drains the rings (merge_flush_all, at its read of FLUSH_FD), so a
- * quiet tail waits no longer than the daemon would anyway.  Every slot
- * empties at each drain, so no record leaves older than the drain before
- * it: the reader's time order holds.  A session hashes to a slot
- * (sess % MERGE_SLOTS); while another session's bytes fill it, its reads go
- * out on their own, as they do above MERGE_CAP.
+ * quiet tail waits no longer than the daemon would anyway, and a record is
+ * rarely older than the drain before it (the reader's HOLD_NS keeps order).
+ * A session hashes to a slot (sess % MERGE_SLOTS); while another session's
+ * bytes fill it, its reads go out on their own, as they do above MERGE_CAP.
  * The reader, a record's emitter in another process, and the daemon's flush
  * may meet on a slot: each takes its lock word (compare-and-swap, at most
  * MERGE_SPIN tries: a holder runs a BPF program, never sleeps, and holds it
  * for one copy of at most MERGE_CAP bytes).  A wait given up is counted in
- * merge_counts[1]; the read then goes out on its own. */
+ * merge_counts[1]: that read, or that record, then goes out on its own,
+ * possibly ahead of the bytes the slot holds. */
 #ifndef MERGE_SPAN_NS
 #define MERGE_SPAN_NS 10000000
 #endif
@@ -600,17 +600,17 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
 struct merge_slot {
     u64 lock;                  /* 1 while held */
     u32 sess;                  /* whose bytes rec holds, when rec.h.len > 0 */
-    u32 pad;
+    u32 reads;                 /* pty reads in rec: counted at its send */
     struct rec_data_big rec;   /* REC_TTY_OUT; h.ts: the first read's time */
 };
 BPF_ARRAY(merge_slots, struct merge_slot, MERGE_SLOTS);
 BPF_ARRAY(merge_counts, u64, 2);   /* [0] reads merged, [1] lock waits given up */
 
-static __always_inline void merge_count(u32 which)
+static __always_inline void merge_count(u32 which, u64 n)
 {
-    u64 *n = merge_counts.lookup(&which);
-    if (n)
-        __sync_fetch_and_add(n, 1);
+    u64 *c = merge_counts.lookup(&which);
+    if (c)
+        __sync_fetch_and_add(c, n);
 }
 
 static __always_inline int merge_trylock(struct merge_slot *s)
@@ -623,7 +623,7 @@ static __always_inline int merge_lock(struct merge_slot *s)
     for (int i = 0; i < MERGE_SPIN; i++)
         if (merge_trylock(s))
             return 1;
-    merge_count(1);
+    merge_count(1, 1);
     return 0;
 }
 
@@ -647,6 +647,8 @@ static __always_inline void merge_send(struct merge_slot *s)
         tty_loss_add(REC_TTY_OUT, s->sess, s->rec.lost + n);
     }
     s->rec.h.len = 0;
+    merge_count(0, s->reads);
+    s->reads = 0;
 }
 
 static __always_inline struct merge_slot *merge_slot_of(u32 sess)
@@ -655,11 +657,12 @@ static __always_inline struct merge_slot *merge_slot_of(u32 sess)
     return merge_slots.lookup(&i);
 }
 
-/* Before a record of session `sess` that must follow its output so far. */
+/* Before a record of session `sess` that must follow its output so far.
+ * The slot is looked at under its lock only: a reader may be filling it. */
 static __always_inline void merge_flush(u32 sess)
 {
     struct merge_slot *s = merge_slot_of(sess);
-    if (!s || !s->rec.h.len || s->sess != sess || !merge_lock(s))
+    if (!s || !merge_lock(s))
         return;
     if (s->sess == sess)
         merge_send(s);
@@ -667,9 +670,10 @@ static __always_inline void merge_flush(u32 sess)
 }
 
 /* The daemon is about to drain the rings.  A slot whose reader holds it
- * right now is left to the reader (no wait: 64 slots of MERGE_SPIN tries
- * pass the verifier's limit on one program's jumps); its bytes are in order
- * either way, since every record of their session first empties the slot. */
+ * right now waits for the next drain (no wait here: 64 slots of MERGE_SPIN
+ * tries pass the verifier's limit on one program's jumps); its bytes stay in
+ * order with their session's, since every record of the session first
+ * empties the slot. */
 static __always_inline void merge_flush_all(void)
 {
     for (int i = 0; i < MERGE_SLOTS; i++) {
@@ -719,7 +723,7 @@ static __always_inline void tty_out(u32 tgid, u32 sess, s32 fd, const u8 *src, u
         asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(MERGE_CAP));
         bpf_probe_read_user(s->rec.data + len, n, src);
         s->rec.h.len = len + n;
-        merge_count(0);
+        s->reads++;
     }
     merge_unlock(s);
 }
