@@ -569,16 +569,17 @@ static __always_inline void emit_data(u32 which, u32 type, u32 tgid, u32 sess,
 
 /* ---- merging a session's terminal output ---- */
 
-/* A flood is ~21,000 pty reads of ~700 bytes; one record each cost a ring
- * reservation here and a walk in the daemon per read.  A session's reads are
- * instead gathered in a merge slot and sent as one record (the time of its
- * first read) when the next read would not fit, is of another fd, or comes
- * MERGE_SPAN_NS after the first (a replay's timing stays that faithful);
- * before a record of the session that must follow the output read so far
- * (a command's start or end, a window size, keystrokes); and whenever the
- * daemon drains the rings (merge_flush_all, at its read of FLUSH_FD), so a
- * quiet tail waits no longer than the daemon would anyway, and a record is
- * rarely older than the drain before it (the reader's HOLD_NS keeps order).
+/* A flood of 17 MB is 13,000-29,000 pty reads of a few hundred bytes; a
+ * record each cost a ring copy here and a walk in the daemon.  A session's
+ * reads are instead gathered in a merge slot and sent as one record (the
+ * time of its first read) when the next read would not fit, is of another
+ * fd, or comes MERGE_SPAN_NS after the first (a replay's timing stays that
+ * faithful); before a record of the session that must follow the output
+ * read so far (a command's start or end, a window size, keystrokes); and
+ * whenever the daemon drains the rings (merge_flush_all, at its read of
+ * FLUSH_FD), so a quiet tail waits no longer than the daemon would anyway,
+ * and a record is rarely older than the drain before it (the reader's
+ * HOLD_NS keeps order).
  * A session hashes to a slot (sess % MERGE_SLOTS); while another session's
  * bytes fill it, its reads go out on their own, as they do above MERGE_CAP.
  * The reader, a record's emitter in another process, and the daemon's flush

@@ -1184,8 +1184,9 @@ class Probes:
         return self._per_ring("rerouted")
 
     def merge_counts(self):
-        """Pty reads merged into a larger record in the kernel, and waits for
-        a merge slot given up (that read went out on its own, none lost)."""
+        """Pty reads merged into larger records in the kernel, and waits for a
+        merge slot given up (that read or record went out on its own, perhaps
+        ahead of the slot's bytes; nothing lost)."""
         d = self.bpf["merge_counts"]
         return {"merged": int(d[ctypes.c_int(0)].value),
                 "waits_given_up": int(d[ctypes.c_int(1)].value)}
