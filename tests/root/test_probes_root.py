@@ -248,7 +248,9 @@ def test_a_sessions_pty_reads_are_merged_in_the_kernel_in_order(sshd, users, mon
     assert sum(flood) >= 688895 and len(flood) <= sum(flood) // 4096 + 20, \
         (len(flood), sum(flood))
     assert max(flood) <= sshlog.BIG_CAP
-    assert merged["merged"] > 500 and merged["waits_given_up"] == 0, merged
+    # more reads went into slots than the flood's records (397 reads in all on a CI
+    # host, whose sshd read in larger pieces than this one's)
+    assert merged["merged"] > len(flood) and merged["waits_given_up"] == 0, (merged, len(flood))
     mine = [r for r in records if r.sess == sess]
     echo = [i for i, r in enumerate(mine) if isinstance(r, sshlog.Exec)
             and r.filename == "/usr/bin/python3"]
