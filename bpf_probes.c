@@ -528,6 +528,21 @@ static __always_inline void tty_session_end(u32 sess)
  * ring hold only ~2 MB of a flood. */
 BPF_PERCPU_ARRAY(data_scratch, struct rec_data_big, 1);
 
+/* Send a filled data record (h.len bytes of data) into ring `which`; a
+ * terminal one carries the bytes its stream lost since its last record. */
+static __always_inline void send_data(u32 which, struct rec_data_big *r)
+{
+    u32 n = r->h.len;
+    r->lost = which ? tty_loss_take(r->h.type, r->h.sess) : 0;
+    u64 size = sizeof(struct rec_data_head) + n;
+    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(*r)));
+    if (ring_output(which, r, size)) {
+        count_drop(which);
+        if (which)            /* the loss it carried, and its own bytes, go to the next */
+            tty_loss_add(r->h.type, r->h.sess, r->lost + n);
+    }
+}
+
 static __always_inline void emit_chunk(u32 which, u32 type, u32 tgid, u32 sess, s32 fd,
                                        const u8 *src, u32 n)
 {
@@ -542,14 +557,7 @@ static __always_inline void emit_chunk(u32 which, u32 type, u32 tgid, u32 sess, 
     fill_hdr(&r->h, type, tgid, sess);
     r->h.len = n;
     r->fd = fd;
-    r->lost = which ? tty_loss_take(type, sess) : 0;
-    u64 size = sizeof(struct rec_data_head) + n;
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(*r)));
-    if (ring_output(which, r, size)) {
-        count_drop(which);
-        if (which)            /* the loss it carried, and its own bytes, go to the next */
-            tty_loss_add(type, sess, r->lost + n);
-    }
+    send_data(which, r);
 }
 
 /* Send `total` bytes of user memory as one or more data records.  Up to
@@ -636,17 +644,9 @@ static __always_inline void merge_unlock(struct merge_slot *s)
 /* Send what the slot holds (its lock held). */
 static __always_inline void merge_send(struct merge_slot *s)
 {
-    u32 n = s->rec.h.len;
-    if (!n)
+    if (!s->rec.h.len)
         return;
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(n) : "i"(MERGE_CAP));
-    s->rec.lost = tty_loss_take(REC_TTY_OUT, s->sess);
-    u64 size = sizeof(struct rec_data_head) + n;
-    asm volatile("if %0 <= %1 goto +1\n\t%0 = %1" : "+r"(size) : "i"(sizeof(s->rec)));
-    if (ring_output(1, &s->rec, size)) {
-        count_drop(1);
-        tty_loss_add(REC_TTY_OUT, s->sess, s->rec.lost + n);
-    }
+    send_data(1, &s->rec);
     s->rec.h.len = 0;
     merge_count(0, s->reads);
     s->reads = 0;
