@@ -767,11 +767,15 @@ def decode_record(raw):
         if len(raw) < _EXEC_HEAD:
             raise ValueError("short RecExecHead record: %d bytes" % len(raw))
         _t, pid, sess, n, ts, ppid, uid, argc, cut, _n = _EXEC_HDR.unpack_from(raw)
-        parts = raw[_EXEC_HEAD:_EXEC_HEAD + n].split(b"\0")
+        # decoded whole, then split: a NUL byte is a character of its own in
+        # UTF-8, so no invalid sequence escaped here spans two strings
+        parts = decode_bytes(raw[_EXEC_HEAD:_EXEC_HEAD + n]).split("\0")
         # after the last NUL: nothing, or a string the cap cut (kept, flagged truncated)
-        kept = parts[:-1] + ([parts[-1]] if cut and parts[-1] else [])
-        argv = tuple(decode_bytes(a) for a in kept[:argc])
-        fname = decode_bytes(raw[_EXEC_HDR.size:_EXEC_HEAD].split(b"\0", 1)[0])
+        if not (cut and parts[-1]):
+            del parts[-1]
+        argv = tuple(parts[:argc])
+        end = raw.find(b"\0", _EXEC_HDR.size, _EXEC_HEAD)
+        fname = decode_bytes(raw[_EXEC_HDR.size:end if end >= 0 else _EXEC_HEAD])
         return Exec(ts, pid, sess, ppid, uid, fname, argv, bool(cut) or len(argv) < argc)
     if t == REC_EXIT:
         if len(raw) < _EXIT_REC.size:
@@ -1548,7 +1552,8 @@ class Tracker:
                 self._base(s, ts), pid=cmd.pid, parent_pid=cmd.ppid, filename=cmd.filename,
                 argv=cmd.argv, argv_truncated=cmd.truncated, command_uid=cmd.uid,
                 command_start=cmd.start, duration_ms=int((ts - cmd.start) * 1000), exit_code=code,
-                signal=signal_name(sig) if sig else None, stdout=decode_bytes(bytes(cmd.stdout)),
+                signal=signal_name(sig) if sig else None,
+                stdout=decode_bytes(cmd.stdout),
                 stdout_size=cmd.stdout_size))
             s.last_activity = ts
         if rec.pid == s.ptm_pid:
