@@ -37,7 +37,8 @@ the budget is not decided by the run.
 Foreign BPF programs (anything not loaded by our daemon) distort timings: they are counted
 at every block and reported.  Run as root: `sudo make bench` (~30 minutes), or
 `tests/bench.py --quick` (~4 minutes), `--only exec,flood` for a part, `--on eventlog` for
-the daemon with the text event log alone.  Other load on the machine is reported too (load
+the daemon with the text event log alone; `--pool A.json B.json` pools the samples of runs
+of one build (their `--json` files) into one ratio and interval.  Other load on the machine is reported too (load
 average before and after): measure on a quiet machine.
 """
 import argparse
@@ -320,20 +321,52 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def ratio_interval(off, on, higher_better, rounds=2000, seed=5):
-    """The 90 % interval of the on/off ratio of medians, the pairs resampled with replacement
-    (a bootstrap, seeded: the same samples give the same interval): how much of a ratio this
-    run's noise leaves undecided.  None below 4 pairs."""
-    n = min(len(off), len(on))
-    if n < 4:
+def ratio_interval(runs, higher_better, rounds=2000, seed=5):
+    """The 90 % interval of the on/off ratio of medians, over the (off samples, on samples)
+    of one run or more, each run's pairs resampled with replacement (a bootstrap, seeded:
+    the same samples give the same interval): how much of a ratio the runs' noise leaves
+    undecided.  None below 4 pairs."""
+    runs = [(off, on, min(len(off), len(on))) for off, on in runs]
+    if sum(n for _, _, n in runs) < 4:
         return None
     rng, ratios = random.Random(seed), []
     for _ in range(rounds):
-        picks = [rng.randrange(n) for _ in range(n)]
-        a, b = median([off[i] for i in picks]), median([on[i] for i in picks])
-        ratios.append(a / b if higher_better else b / a)
+        a, b = [], []
+        for off, on, n in runs:
+            picks = [rng.randrange(n) for _ in range(n)]
+            a += [off[i] for i in picks]
+            b += [on[i] for i in picks]
+        ratios.append(median(a) / median(b) if higher_better else median(b) / median(a))
     ratios.sort()
     return ratios[int(0.05 * rounds)], ratios[int(0.95 * rounds) - 1]
+
+
+def pool(paths):
+    """The budgeted ratios over the samples of several runs' --json files: runs of one
+    build, pooled, narrow an interval that one run leaves across the budget."""
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, ValueError) as e:
+            sys.exit("bench: %s: %s" % (path, e))
+    out = ["pooled: %d run(s), %s pairs" % (len(runs), "+".join(
+        str(r.get("args", {}).get("pairs", "?")) for r in runs))]
+    for key, higher_better in (("exec", False), ("flood", False), ("scp", True),
+                               ("parallel", False)):
+        have = [(r[key]["samples"]["off"], r[key]["samples"]["on"]) for r in runs if key in r]
+        if not have:
+            continue
+        off = median([x for o, _ in have for x in o])
+        on = median([x for _, o in have for x in o])
+        ratio = off / on if higher_better else on / off
+        each = " ".join("%.3f" % r[key]["ratio"] for r in runs if key in r)
+        interval = ratio_interval(have, higher_better)
+        out.append("%-10s ratio %.3f %s %s  (each run: %s)" % (
+            key, ratio, "[%.3f-%.3f]" % interval if interval else "",
+            "ok" if ratio <= BUDGET else "OVER BUDGET", each))
+    return out
 
 
 # -- the daemon under test --------------------------------------------------------------------
@@ -653,6 +686,8 @@ def parse_args():
     ap.add_argument("--report-json", action="store_true",
                     help="also time the report over a JSON Lines log of as many events")
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument("--pool", nargs="+", metavar="JSON", help="print the budgeted ratios over "
+                    "the samples of these runs' --json files (runs of one build), and exit")
     ap.add_argument("--on", choices=("default", "eventlog"), default="default",
                     help="what the daemon runs: the embedded default (event log and session "
                     "recordings) or the event log alone")
@@ -673,6 +708,9 @@ def parse_args():
 
 def main():
     args = parse_args()
+    if args.pool:
+        print("\n".join(pool(args.pool)))
+        return 0
     parts = set(args.parts)
     session_parts = parts & {"exec", "flood", "scp", "parallel", "syscall"}
     if (session_parts or "idle" in parts) and os.geteuid() != 0:
@@ -783,7 +821,7 @@ def main():
         if not res["on"][key]:
             continue
         ratio = off / on if higher_better else on / off
-        interval = ratio_interval(res["off"][key], res["on"][key], higher_better)
+        interval = ratio_interval([(res["off"][key], res["on"][key])], higher_better)
         figures[key] = {"off": off, "on": on, "ratio": ratio, "ratio_90": interval,
                         "samples": {"off": res["off"][key], "on": res["on"][key]}}
         verdict = "ok" if ratio <= BUDGET else "OVER BUDGET"

@@ -1,0 +1,53 @@
+"""tests/bench.py --pool: the ratios over several runs' samples (no root, no sessions)."""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import bench  # noqa: E402
+
+
+def write_run(tmp_path, name, off, on, pairs):
+    path = tmp_path / name
+    on_over_off = sorted(on)[len(on) // 2] / sorted(off)[len(off) // 2]
+    path.write_text(json.dumps({
+        "args": {"pairs": pairs},
+        "flood": {"ratio": on_over_off, "samples": {"off": off, "on": on}},
+        "scp": {"ratio": 1.0, "samples": {"off": [200.0] * pairs, "on": [190.0] * pairs}}}))
+    return str(path)
+
+
+def test_pool_takes_the_median_of_all_runs_samples_and_resamples_within_each(tmp_path):
+    a = write_run(tmp_path, "a.json", [1.0] * 5, [1.25] * 5, 5)
+    b = write_run(tmp_path, "b.json", [1.0] * 5, [1.0, 1.0, 1.0, 1.0625, 1.0], 5)
+    lines = bench.pool([a, b])
+    assert lines[0] == "pooled: 2 run(s), 5+5 pairs"
+    flood = next(line for line in lines if line.startswith("flood"))
+    # ten on samples, five of each run: the median is the mean of b's largest and 1.25
+    assert "ratio 1.156 " in flood and "OVER BUDGET" in flood
+    assert "(each run: 1.250 1.000)" in flood
+    low, high = (float(x) for x in flood.split("[")[1].split("]")[0].split("-"))
+    # each run resampled on its own: five of a's and five of b's in every round
+    assert 1.125 <= low < high <= 1.157
+    scp = next(line for line in lines if line.startswith("scp"))
+    assert "ratio 1.053 " in scp            # throughput: off over on
+    assert not any(line.startswith(("exec", "parallel")) for line in lines)  # not in the runs
+
+
+def test_one_runs_interval_is_unchanged_by_the_pooling(tmp_path):
+    off = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95]
+    on = [1.1, 1.15, 1.0, 1.2, 1.0, 1.05]
+    assert bench.ratio_interval([(off, on)], False) == bench.ratio_interval([(off, on)], False)
+    low, high = bench.ratio_interval([(off, on)], False)
+    assert low < high
+    assert bench.ratio_interval([([1.0] * 3, [1.1] * 3)], False) is None     # under 4 pairs
+
+
+def test_an_unreadable_run_is_a_one_line_error_naming_it(tmp_path, capsys):
+    missing = str(tmp_path / "nope.json")
+    try:
+        bench.pool([missing])
+    except SystemExit as e:
+        assert str(e).startswith("bench: %s: " % missing)
+    else:
+        raise AssertionError("no error for a missing run file")
