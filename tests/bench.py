@@ -321,29 +321,41 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def pooled_ratio(runs, higher_better):
+    """The on/off ratio of medians over the (off samples, on samples) of one run or more,
+    each run's samples scaled by its off median first: runs taken hours apart sit at
+    different speeds, and their raw samples pooled would mix those levels into the ratio
+    (it could even fall outside every run's own).  One run's ratio is unchanged."""
+    off_all, on_all = [], []
+    for off, on in runs:
+        scale = median(off)
+        off_all += [x / scale for x in off]
+        on_all += [x / scale for x in on]
+    off, on = median(off_all), median(on_all)
+    return off / on if higher_better else on / off
+
+
 def ratio_interval(runs, higher_better, rounds=2000, seed=5):
-    """The 90 % interval of the on/off ratio of medians, over the (off samples, on samples)
-    of one run or more, each run's pairs resampled with replacement (a bootstrap, seeded:
-    the same samples give the same interval): how much of a ratio the runs' noise leaves
-    undecided.  None below 4 pairs."""
+    """The 90 % interval of pooled_ratio(), each run's pairs resampled with replacement (a
+    bootstrap, seeded: the same samples give the same interval): how much of a ratio the
+    runs' noise leaves undecided.  None below 4 pairs."""
     runs = [(off, on, min(len(off), len(on))) for off, on in runs]
     if sum(n for _, _, n in runs) < 4:
         return None
     rng, ratios = random.Random(seed), []
     for _ in range(rounds):
-        a, b = [], []
+        picked = []
         for off, on, n in runs:
             picks = [rng.randrange(n) for _ in range(n)]
-            a += [off[i] for i in picks]
-            b += [on[i] for i in picks]
-        ratios.append(median(a) / median(b) if higher_better else median(b) / median(a))
+            picked.append(([off[i] for i in picks], [on[i] for i in picks]))
+        ratios.append(pooled_ratio(picked, higher_better))
     ratios.sort()
     return ratios[int(0.05 * rounds)], ratios[int(0.95 * rounds) - 1]
 
 
 def pool(paths):
-    """The budgeted ratios over the samples of several runs' --json files: runs of one
-    build, pooled, narrow an interval that one run leaves across the budget."""
+    """The budgeted ratios over the samples of several runs' --json files (pooled_ratio):
+    runs of one build, pooled, narrow an interval that one run leaves across the budget."""
     runs = []
     for path in paths:
         try:
@@ -358,9 +370,7 @@ def pool(paths):
         have = [(r[key]["samples"]["off"], r[key]["samples"]["on"]) for r in runs if key in r]
         if not have:
             continue
-        off = median([x for o, _ in have for x in o])
-        on = median([x for _, o in have for x in o])
-        ratio = off / on if higher_better else on / off
+        ratio = pooled_ratio(have, higher_better)
         each = " ".join("%.3f" % r[key]["ratio"] for r in runs if key in r)
         interval = ratio_interval(have, higher_better)
         out.append("%-10s ratio %.3f %s %s  (each run: %s)" % (

@@ -34,6 +34,16 @@ def test_pool_takes_the_median_of_all_runs_samples_and_resamples_within_each(tmp
     assert not any(line.startswith(("exec", "parallel")) for line in lines)  # not in the runs
 
 
+def test_runs_at_different_speeds_are_pooled_as_ratios_not_as_raw_times():
+    slow_host = ([10.0] * 5, [10.2] * 5)      # 1.02
+    fast_host = ([1.0] * 5, [1.1] * 5)        # 1.10
+    # raw times pooled would give 5.65 / 5.5 = 1.027, the slow host's level deciding
+    assert abs(bench.pooled_ratio([slow_host, fast_host], False) - 1.06) < 1e-9
+    assert abs(bench.pooled_ratio([slow_host], False) - 1.02) < 1e-9
+    throughput = ([200.0] * 4, [190.0] * 4)
+    assert abs(bench.pooled_ratio([throughput], True) - 200.0 / 190.0) < 1e-9
+
+
 def test_one_runs_interval_is_unchanged_by_the_pooling(tmp_path):
     off = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95]
     on = [1.1, 1.15, 1.0, 1.2, 1.0, 1.05]
