@@ -38,8 +38,8 @@ Foreign BPF programs (anything not loaded by our daemon) distort timings: they a
 at every block and reported.  Run as root: `sudo make bench` (~30 minutes), or
 `tests/bench.py --quick` (~4 minutes), `--only exec,flood` for a part, `--on eventlog` for
 the daemon with the text event log alone; `--pool A.json B.json` pools the samples of runs
-of one build (their `--json` files) into one ratio and interval.  Other load on the machine is reported too (load
-average before and after): measure on a quiet machine.
+of one build (their `--json` files) into one ratio and interval.  Other load on the machine
+is reported too (load average before and after): measure on a quiet machine.
 """
 import argparse
 import collections
@@ -367,11 +367,12 @@ def pool(paths):
         str(r.get("args", {}).get("pairs", "?")) for r in runs))]
     for key, higher_better in (("exec", False), ("flood", False), ("scp", True),
                                ("parallel", False)):
-        have = [(r[key]["samples"]["off"], r[key]["samples"]["on"]) for r in runs if key in r]
-        if not have:
+        with_part = [r[key] for r in runs if "samples" in r.get(key, {})]
+        if not with_part:
             continue
+        have = [(part["samples"]["off"], part["samples"]["on"]) for part in with_part]
         ratio = pooled_ratio(have, higher_better)
-        each = " ".join("%.3f" % r[key]["ratio"] for r in runs if key in r)
+        each = " ".join("%.3f" % part["ratio"] for part in with_part)
         interval = ratio_interval(have, higher_better)
         out.append("%-10s ratio %.3f %s %s  (each run: %s)" % (
             key, ratio, "[%.3f-%.3f]" % interval if interval else "",
