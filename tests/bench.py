@@ -831,8 +831,8 @@ def main():
         off, on = median(res["off"][key]), median(res["on"][key])
         if not res["on"][key]:
             continue
-        ratio = off / on if higher_better else on / off
-        interval = ratio_interval([(res["off"][key], res["on"][key])], higher_better)
+        run = [(res["off"][key], res["on"][key])]
+        ratio, interval = pooled_ratio(run, higher_better), ratio_interval(run, higher_better)
         figures[key] = {"off": off, "on": on, "ratio": ratio, "ratio_90": interval,
                         "samples": {"off": res["off"][key], "on": res["on"][key]}}
         verdict = "ok" if ratio <= BUDGET else "OVER BUDGET"

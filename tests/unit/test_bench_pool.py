@@ -1,7 +1,11 @@
 """tests/bench.py --pool: the ratios over several runs' samples (no root, no sessions)."""
 import json
 import os
+import random
+import statistics
 import sys
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench  # noqa: E402
@@ -44,20 +48,26 @@ def test_runs_at_different_speeds_are_pooled_as_ratios_not_as_raw_times():
     assert abs(bench.pooled_ratio([throughput], True) - 200.0 / 190.0) < 1e-9
 
 
-def test_one_runs_interval_is_unchanged_by_the_pooling(tmp_path):
-    off = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95]
-    on = [1.1, 1.15, 1.0, 1.2, 1.0, 1.05]
-    assert bench.ratio_interval([(off, on)], False) == bench.ratio_interval([(off, on)], False)
+def test_one_runs_interval_is_its_plain_bootstrap_of_the_ratio_of_medians():
+    """With one run, scaling by its off median cancels out: the interval is the same
+    bootstrap of median(on) / median(off) the bench printed before --pool existed."""
+    noise = random.Random(1)
+    off = [1.0 + noise.random() / 5 for _ in range(31)]
+    on = [1.04 + noise.random() / 5 for _ in range(31)]
+    rng, plain = random.Random(5), []
+    for _ in range(2000):
+        picks = [rng.randrange(len(off)) for _ in range(len(off))]
+        plain.append(statistics.median([on[i] for i in picks]) /
+                     statistics.median([off[i] for i in picks]))
+    plain.sort()
     low, high = bench.ratio_interval([(off, on)], False)
-    assert low < high
+    assert abs(low - plain[100]) < 1e-9 and abs(high - plain[1899]) < 1e-9
+    assert low < bench.pooled_ratio([(off, on)], False) < high
     assert bench.ratio_interval([([1.0] * 3, [1.1] * 3)], False) is None     # under 4 pairs
 
 
-def test_an_unreadable_run_is_a_one_line_error_naming_it(tmp_path, capsys):
+def test_an_unreadable_run_is_a_one_line_error_naming_it(tmp_path):
     missing = str(tmp_path / "nope.json")
-    try:
+    with pytest.raises(SystemExit) as e:
         bench.pool([missing])
-    except SystemExit as e:
-        assert str(e).startswith("bench: %s: " % missing)
-    else:
-        raise AssertionError("no error for a missing run file")
+    assert str(e.value).startswith("bench: %s: " % missing)
